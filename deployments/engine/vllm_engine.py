@@ -1,0 +1,174 @@
+"""The only module that imports vLLM: one async vLLM engine plus vLLM's own OpenAI serving layer.
+
+A replica (prefill, decode or colocated) owns one ``VLLMEngine``. Requests arrive as the client's JSON body;
+they are validated into vLLM's protocol models, run through vLLM's ``OpenAIServingChat`` /
+``OpenAIServingCompletion`` (chat templates, SSE chunk format and usage come from vLLM), and come back as
+``JsonReply``, ``ErrorReply`` or SSE strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import ValidationError
+
+from ..replies import EngineStats, ErrorReply, JsonReply
+from ..settings import EngineSettings, KVConnectorSettings
+
+logger = logging.getLogger("pdserve.engine")
+
+Role = Literal["prefill", "decode", "colocated"]
+Endpoint = Literal["chat", "completions"]
+_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+# Client fields that only pdserve itself may set.
+_INTERNAL_FIELDS = frozenset({"kv_transfer_params"})
+
+
+@dataclass
+class EngineSpec:
+    """Everything one engine needs: the resolved model, its role and settings, and its process env."""
+
+    model: str
+    served_model_name: str
+    role: Role
+    engine: EngineSettings
+    kv_connector: KVConnectorSettings
+    engine_id: str
+    num_gpus: float = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cli_args(self) -> list[str]:
+        e = self.engine
+        args = [
+            "--model", self.model, "--served-model-name", self.served_model_name, "--dtype", e.dtype,
+            "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs),
+            "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching",
+        ]
+        if e.block_size is not None:
+            args += ["--block-size", str(e.block_size)]
+        if e.enforce_eager:
+            args.append("--enforce-eager")
+        if self.num_gpus > 0:
+            args += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+        if self.role in _KV_ROLE:
+            kv = self.kv_connector
+            args += ["--kv-transfer-config", json.dumps({
+                "kv_connector": kv.connector, "kv_role": _KV_ROLE[self.role], "kv_buffer_device": kv.kv_buffer_device,
+                "engine_id": self.engine_id, "kv_load_failure_policy": kv.kv_load_failure_policy,
+            })]
+        return args + list(e.extra_args)
+
+
+class VLLMEngine:
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self._stack = AsyncExitStack()
+        self._client = None
+        self._serving: dict[str, object] = {}
+        self._request_models: dict[str, type] = {}
+
+    async def start(self) -> None:
+        os.environ.update(self.spec.env)
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.spec.cli_args())
+        validate_parsed_serve_args(args)
+        self._client = await self._stack.enter_async_context(build_async_engine_client(args))
+        state = State()
+        await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
+        self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
+        self._request_models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+        self._max_model_len = self._client.model_config.max_model_len
+
+    async def shutdown(self) -> None:
+        await self._stack.aclose()
+
+    async def check_health(self) -> None:
+        await self._client.check_health()
+
+    def validate(self, endpoint: Endpoint, body: dict):
+        """Parse a client body into vLLM's request model, or return an ``ErrorReply`` (HTTP 4xx)."""
+        model_cls = self._request_models[endpoint]
+        known = set(model_cls.model_fields) | {f.alias for f in model_cls.model_fields.values() if f.alias}
+        unknown = sorted((set(body) - known) | (set(body) & _INTERNAL_FIELDS))
+        if unknown:
+            return ErrorReply(400, f"unknown or unsupported field(s): {', '.join(unknown)}", param=unknown[0])
+        try:
+            request = model_cls.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or None
+            return ErrorReply(400, f"invalid request: {where}: {err['msg']}", param=where)
+        max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if max_tokens is not None and max_tokens > self._max_model_len:
+            return ErrorReply(
+                400, f"max_tokens ({max_tokens}) exceeds this model's maximum context length ({self._max_model_len})",
+                param="max_tokens",
+            )
+        return request
+
+    async def generate(
+        self, endpoint: Endpoint, body: dict, kv_transfer_params: dict | None = None, prefill_only: bool = False
+    ) -> AsyncIterator[JsonReply | ErrorReply | str]:
+        """Run one request; yields one JsonReply/ErrorReply, or SSE strings when the client asked to stream.
+
+        ``prefill_only``: compute the prompt's KV for a remote decode engine (max_tokens=1, no streaming).
+        ``kv_transfer_params``: the hand-off from a prefill engine; this engine pulls the KV instead of
+        recomputing the prompt.
+        """
+        request = self.validate(endpoint, body)
+        if isinstance(request, ErrorReply):
+            yield request
+            return
+        if prefill_only:
+            request.max_tokens = 1
+            if hasattr(request, "max_completion_tokens"):
+                request.max_completion_tokens = None
+            request.stream = False
+            request.stream_options = None
+            request.kv_transfer_params = kv_transfer_params
+        elif kv_transfer_params is not None:
+            request.kv_transfer_params = kv_transfer_params
+        serving = self._serving[endpoint]
+        create = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
+        try:
+            result = await create(request, raw_request=None)
+        except Exception as exc:  # vLLM raises ValueError / VLLMClientError for bad input
+            result = serving.create_error_response(exc)
+        if isinstance(result, AsyncIterator):
+            async for chunk in result:
+                yield chunk
+            return
+        payload = result.model_dump(mode="json", exclude_none=False)
+        if "error" in payload and "choices" not in payload:
+            err = payload["error"]
+            yield ErrorReply(int(err.get("code") or 500), err.get("message", "engine error"),
+                             err.get("type") or "InternalServerError", err.get("param"))
+            return
+        yield JsonReply(payload)
+
+    def stats(self, replica: str) -> EngineStats:
+        """Sum of each ``vllm:*`` sample of this process's Prometheus registry (the engine's own stat logger)."""
+        from prometheus_client import REGISTRY
+
+        values: dict[str, float] = {}
+        for metric in REGISTRY.collect():
+            if not metric.name.startswith("vllm:"):
+                continue
+            for sample in metric.samples:
+                if sample.name.endswith(("_created", "_bucket")):
+                    continue
+                values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+        return EngineStats(replica=replica, role=self.spec.role, pid=os.getpid(), values=values)

@@ -1,0 +1,51 @@
+"""What engine replicas send back to the ingress: plain, picklable values shared by both sides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """An OpenAI-style error: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    status: int
+    message: str
+    type: str = "BadRequestError"
+    param: str | None = None
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+@dataclass(frozen=True)
+class JsonReply:
+    """A complete (non-streaming) OpenAI response body."""
+
+    body: dict
+
+
+@dataclass(frozen=True)
+class PrefillReply:
+    """The prefill phase's result: the KV hand-off for decode, as the engine returned it."""
+
+    kv_transfer_params: dict
+    num_prompt_tokens: int
+    prefill_replica: str
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of one engine's own counters and gauges (summed over label sets)."""
+
+    replica: str
+    role: str
+    pid: int
+    values: dict[str, float] = field(default_factory=dict)
+
+    def get(self, name: str) -> float:
+        return self.values.get(name, 0.0)
+
+
+# A streaming reply is a sequence of these server-sent-event strings ("data: {...}\n\n", "data: [DONE]\n\n").
+SSEChunk = str

