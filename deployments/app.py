@@ -6,13 +6,14 @@ Used by ``pdserve up`` and by any Ray Serve config as ``import_path: deployments
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from .api import Ingress
 from .servers import DecodeServer, PrefillServer
 from .settings import PDServeSettings, PoolSettings, parse_settings
 
 
-def _pool_options(pool: PoolSettings, settings: PDServeSettings) -> dict:
+def _pool_options(pool: PoolSettings, settings: PDServeSettings, policy: str) -> dict:
     return {
         "num_replicas": pool.num_replicas,
         "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": pool.ray_resources},
@@ -21,14 +22,24 @@ def _pool_options(pool: PoolSettings, settings: PDServeSettings) -> dict:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 10,
+        # Bounded queue per pool: beyond it the handle raises BackPressureError and the API answers 429.
+        "max_queued_requests": settings.routing.max_queued_requests,
+        "request_router_config": RequestRouterConfig(
+            request_router_class="deployments.routing.router:PDRequestRouter",
+            request_router_kwargs={"policy": policy},
+            request_routing_stats_period_s=1, request_routing_stats_timeout_s=5,
+        ),
     }
 
 
 def build_app(args: dict | PDServeSettings) -> Application:
     settings = args if isinstance(args, PDServeSettings) else parse_settings(args)
     if settings.mode == "colocated":
-        engines = DecodeServer.options(name="ColocatedServer", **_pool_options(settings.colocated, settings))
+        engines = DecodeServer.options(
+            name="ColocatedServer", **_pool_options(settings.colocated, settings, settings.routing.decode_policy))
         return Ingress.bind(settings, None, engines.bind(settings, "colocated"))
-    prefill = PrefillServer.options(**_pool_options(settings.prefill, settings)).bind(settings, "prefill")
-    decode = DecodeServer.options(**_pool_options(settings.decode, settings)).bind(settings, "decode")
+    prefill = PrefillServer.options(**_pool_options(settings.prefill, settings, settings.routing.prefill_policy))
+    prefill = prefill.bind(settings, "prefill")
+    decode = DecodeServer.options(**_pool_options(settings.decode, settings, settings.routing.decode_policy))
+    decode = decode.bind(settings, "decode")
     return Ingress.bind(settings, prefill, decode)

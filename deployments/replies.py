@@ -26,6 +26,13 @@ class JsonReply:
 
 
 @dataclass(frozen=True)
+class ReplicaTag:
+    """First item of a decode stream: the replica that serves it (the ingress reports it to the client)."""
+
+    replica: str
+
+
+@dataclass(frozen=True)
 class PrefillReply:
     """The prefill phase's result: the KV hand-off for decode, as the engine returned it."""
 

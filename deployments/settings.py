@@ -69,6 +69,45 @@ class KVConnectorSettings(_Strict):
     )
 
 
+class RoutingSettings(_Strict):
+    prefill_policy: Literal["round_robin", "least_loaded", "prefix_affinity"] = Field(
+        "prefix_affinity", description="How a prefill replica is chosen (deployments/routing/policies.py)."
+    )
+    decode_policy: Literal["round_robin", "least_loaded", "prefix_affinity"] = Field(
+        "least_loaded", description="How a decode replica is chosen."
+    )
+    min_remote_prefill_tokens: int = Field(
+        128, ge=0, description="Prompts estimated shorter than this prefill on the decode replica (no KV transfer)."
+    )
+    max_prefill_waiting: int = Field(
+        8, ge=0, description="When every prefill replica has more requests waiting than this, prefill locally."
+    )
+    prefill_timeout_s: float = Field(60, gt=0, description="Deadline of one prefill attempt, queueing included.")
+    kv_pull_timeout_s: float = Field(
+        10, gt=0, description="Deadline for a decode engine to pull the KV and produce its first token; then "
+        "the decode request is aborted and retried with a local prefill."
+    )
+    kv_lease_s: int = Field(
+        30, ge=1, description="How long a prefill engine holds KV blocks for a decode engine that never pulls them."
+    )
+    num_prefill_attempts: int = Field(2, ge=1, description="Prefill tries on distinct replicas before local prefill.")
+    num_decode_attempts: int = Field(2, ge=1, description="Decode tries on distinct replicas before the first token.")
+    breaker_failure_threshold: int = Field(
+        2, ge=1, description="Consecutive failures that take a replica out of rotation."
+    )
+    breaker_cooldown_s: float = Field(15, gt=0, description="How long a failing replica stays out before a probe.")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="Requests queued per pool beyond the replicas' capacity before HTTP 429; -1: no bound."
+    )
+
+    @model_validator(mode="after")
+    def _pull_deadline_before_lease(self) -> RoutingSettings:
+        if self.kv_pull_timeout_s >= self.kv_lease_s:
+            raise ValueError("routing.kv_pull_timeout_s must be shorter than routing.kv_lease_s: a decode engine "
+                             "must give up on a KV pull before the prefill engine may reuse those blocks")
+        return self
+
+
 class PoolSettings(_Strict):
     num_replicas: int = Field(1, ge=1, description="Engine replicas in this pool.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU).")
@@ -106,6 +145,7 @@ class PDServeSettings(_Strict):
     prefill: PoolSettings | None = Field(None, description="Prefill pool (disaggregated mode).")
     decode: PoolSettings | None = Field(None, description="Decode pool (disaggregated mode).")
     colocated: PoolSettings | None = Field(None, description="The single pool of colocated mode.")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings, description="Routing, retries, deadlines.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
     request_timeout_s: float = Field(600, gt=0, description="Longest a request may take end to end.")
 

@@ -36,10 +36,50 @@ class Cluster:
     def colocated(self) -> str:
         return f"{self.base}/colocated/v1"
 
-    def stats(self, deployment: str, app: str = "pdserve"):
+    def stats(self, deployment: str, app: str = "pdserve", replica: str | None = None):
+        """Engine counters of one replica of a deployment (a given one, or any)."""
         from ray import serve
 
-        return serve.get_deployment_handle(deployment, app).stats.remote().result(timeout_s=60)
+        from deployments.routing import RouteRequest
+
+        handle = serve.get_deployment_handle(deployment, app)
+        return handle.stats.remote(route=RouteRequest(target=replica)).result(timeout_s=60)
+
+    def replicas(self, deployment: str, app: str = "pdserve") -> list[Replica]:
+        """Live replicas of a deployment: their Serve replica id (as in x-pdserve-*-replica headers) and pid."""
+        import ray
+
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+        out = []
+        for name in names:
+            rid = name.rsplit("#", 1)[-1]
+            try:
+                out.append(Replica(id=rid, actor_name=name, pid=self.stats(deployment, app, rid).pid))
+            except Exception:  # starting or dying: not live
+                continue
+        return out
+
+    def wait_for_replicas(self, deployment: str, count: int, timeout_s: float = 300) -> list[Replica]:
+        """Until ``count`` replicas are alive and serving (Serve restarts killed ones)."""
+        import time
+
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = serve.status().applications["pdserve"].deployments[deployment]
+            if status.status.value == "HEALTHY" and len(self.replicas(deployment)) == count:
+                return self.replicas(deployment)
+            time.sleep(2)
+        raise TimeoutError(f"{deployment}: {count} healthy replicas not back within {timeout_s} s")
+
+
+@dataclass
+class Replica:
+    id: str
+    actor_name: str
+    pid: int
 
 
 def _combined_config(tmp: Path) -> Path:
@@ -48,6 +88,13 @@ def _combined_config(tmp: Path) -> Path:
     colo_app = colo["applications"][0] | {"name": "colocated", "route_prefix": "/colocated"}
     for app in pd["applications"] + [colo_app]:
         app["args"]["engine"]["dtype"] = "float32"
+    # Two replicas per pool, so that failures can be survived; each engine still binds one core (one thread).
+    args = pd["applications"][0]["args"]
+    for pool in ("prefill", "decode"):
+        args[pool] |= {"num_replicas": 2, "cpu_bind": ["0", "1"]}
+    args["routing"] = {"prefill_timeout_s": 20, "kv_pull_timeout_s": 8, "breaker_cooldown_s": 10,
+                       "max_queued_requests": 8}
+    args["engine"]["max_num_seqs"] = 4
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))
     return path

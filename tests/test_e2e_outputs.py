@@ -76,25 +76,27 @@ def _wait_for(predicate, timeout_s: float = 10):
 
 def test_kv_cache_moves_instead_of_being_recomputed(cluster, http):
     """The decode engine pulls every prompt token's KV over NIXL; it recomputes none of the prompt."""
-    before_p, before_d = cluster.stats("PrefillServer"), cluster.stats("DecodeServer")
-    body = _body("completions", tagged(uuid.uuid4().hex, MEDIUM), False, cluster.model)
-    text, _, usage = _call(http, cluster.pd, "completions", body)
-    num_prompt = usage["prompt_tokens"]
-
-    def moved():
-        d = cluster.stats("DecodeServer")
-        return d.get("vllm:nixl_xfer_time_seconds_count") > before_d.get("vllm:nixl_xfer_time_seconds_count")
-
-    _wait_for(moved)
-    after_p, after_d = cluster.stats("PrefillServer"), cluster.stats("DecodeServer")
-    delta = lambda a, b, k: a.get(k) - b.get(k)  # noqa: E731
-    assert delta(after_p, before_p, "vllm:prompt_tokens_total") == num_prompt  # prefill computed the prompt
-    assert delta(after_d, before_d, "vllm:external_prefix_cache_hits_total") == num_prompt  # decode pulled it all
-    assert delta(after_d, before_d, "vllm:prefix_cache_hits_total") == 0  # none of it from decode's own cache
-    assert delta(after_d, before_d, "vllm:nixl_xfer_time_seconds_count") == 1
-    assert delta(after_d, before_d, "vllm:nixl_bytes_transferred_sum") > 0
-    assert delta(after_d, before_d, "vllm:nixl_num_failed_transfers_total") == 0
-    assert text
+    snapshot = lambda: {(dep, r.id): cluster.stats(dep, replica=r.id)  # noqa: E731
+                        for dep in ("PrefillServer", "DecodeServer") for r in cluster.replicas(dep)}
+    before = snapshot()
+    body = _body("completions", tagged(uuid.uuid4().hex, long_prompt(30)), False, cluster.model)
+    resp = http.post(cluster.pd + "/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-pdserve-route"] == "disaggregated"
+    num_prompt = resp.json()["usage"]["prompt_tokens"]
+    p_key = ("PrefillServer", resp.headers["x-pdserve-prefill-replica"])
+    d_key = ("DecodeServer", resp.headers["x-pdserve-decode-replica"])
+    count = "vllm:nixl_xfer_time_seconds_count"
+    _wait_for(lambda: cluster.stats(d_key[0], replica=d_key[1]).get(count) > before[d_key].get(count))
+    after = snapshot()
+    delta = lambda key, name: after[key].get(name) - before[key].get(name)  # noqa: E731
+    assert delta(p_key, "vllm:prompt_tokens_total") == num_prompt  # prefill computed the prompt
+    assert delta(d_key, "vllm:external_prefix_cache_hits_total") == num_prompt  # decode pulled all of it
+    assert delta(d_key, "vllm:prefix_cache_hits_total") == 0  # none of it came from decode's own cache
+    assert delta(d_key, count) == 1
+    assert delta(d_key, "vllm:nixl_bytes_transferred_sum") > 0
+    assert delta(d_key, "vllm:nixl_num_failed_transfers_total") == 0
+    assert resp.json()["usage"]["completion_tokens"] >= 1  # (a raw completion may be EOS at once)
 
 
 def test_openai_client_unchanged(cluster):

@@ -52,6 +52,11 @@ def test_bad_config_file_names_application(tmp_path):
         load_serve_config(bad)
 
 
+def test_pull_deadline_must_fire_before_the_prefill_lease():
+    with pytest.raises(SettingsError, match="kv_pull_timeout_s must be shorter"):
+        parse_settings({"prefill": {}, "decode": {}, "routing": {"kv_pull_timeout_s": 30, "kv_lease_s": 30}})
+
+
 def test_cpu_bind_cycles_by_local_rank():
     s = parse_settings({"prefill": {"cpu_bind": ["0-1", "2-3"]}, "decode": {}})
     assert [s.prefill.bind_for(r) for r in range(3)] == ["0-1", "2-3", "0-1"]
@@ -71,7 +76,8 @@ def test_engine_args_carry_kv_roles():
         args = _spec(role).cli_args()
         kv = json.loads(args[args.index("--kv-transfer-config") + 1])
         assert kv == {"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": "cpu",
-                      "engine_id": "e1", "kv_load_failure_policy": "recompute"}
+                      "engine_id": "e1", "kv_load_failure_policy": "recompute",
+                      "kv_connector_extra_config": {"kv_lease_duration": 30}}
     assert "--kv-transfer-config" not in _spec("colocated").cli_args()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -12,17 +14,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ..kv import KVTransferParams
 from ..replies import ErrorReply, JsonReply
+from ..routing import ReplicaLoad, RouteRequest, decide_prefill
+from ..routing.policies import estimate_prompt_tokens, prefix_key, prompt_text
 from ..settings import PDServeSettings
+from .phases import DecodePhase, Overloaded, PrefillPhase, Trace
 
 logger = logging.getLogger("pdserve.ingress")
 api = FastAPI(title="pdserve", description="Disaggregated prefill/decode LLM serving, OpenAI-compatible API")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-def error_response(err: ErrorReply) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+def error_response(err: ErrorReply, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -31,20 +35,41 @@ class Ingress:
     def __init__(self, settings: PDServeSettings, prefill: DeploymentHandle | None, decode: DeploymentHandle):
         self.settings = settings
         self.model_name = settings.model.served_model_name
-        self.prefill = prefill
-        self.decode = decode
+        routing = settings.routing
+        self.prefill = PrefillPhase(prefill, "PrefillServer", routing) if prefill is not None else None
+        decode_name = "DecodeServer" if prefill is not None else "ColocatedServer"
+        self.decode = DecodePhase(decode, decode_name, routing, settings.request_timeout_s)
+        self.num_requests = 0
 
-    async def serve_request(self, endpoint: str, body: dict) -> AsyncIterator[JsonReply | ErrorReply | str]:
+    async def serve_request(self, endpoint: str, body: dict, trace: Trace) -> AsyncIterator[JsonReply | ErrorReply | str]:
         """route → prefill → hand-off → decode → stream."""
-        kv_params = None
-        if self.prefill is not None:
-            prefill = await self.prefill.prefill.remote(endpoint, body)
-            if isinstance(prefill, ErrorReply):
-                yield prefill
+        route = self.route(body, trace)
+        handoff = None
+        if trace.route == "disaggregated":
+            handoff = await self.prefill.run(endpoint, body, route, trace)
+            if isinstance(handoff, ErrorReply):  # invalid request: 4xx
+                yield handoff
                 return
-            kv_params = KVTransferParams.model_validate(prefill.kv_transfer_params).for_decode()
-        async for item in self.decode.options(stream=True).generate.remote(endpoint, body, kv_params):
+            if handoff is None:
+                trace.route, trace.reason = "local_prefill", trace.fallbacks[-1]
+        async for item in self.decode.run(endpoint, body, handoff, route, trace,
+                                          self.prefill.breaker if self.prefill else None):
             yield item
+
+    def route(self, body: dict, trace: Trace) -> RouteRequest:
+        """Describe the request for the routing policies and decide where its prompt is prefilled."""
+        self.num_requests += 1
+        route = RouteRequest(seq=self.num_requests, prefix_key=prefix_key(prompt_text(body)),
+                             num_prompt_tokens=estimate_prompt_tokens(body))
+        if self.prefill is None:
+            trace.route, trace.reason = "colocated", "colocated_mode"
+            return route
+        loads = self.prefill.live_loads()
+        decision = decide_prefill(route.num_prompt_tokens, loads if loads is not None else [ReplicaLoad()],  # not seen yet: one idle
+                                  self.settings.routing.min_remote_prefill_tokens,
+                                  self.settings.routing.max_prefill_waiting)
+        trace.route, trace.reason = decision.route, decision.reason
+        return route
 
     # ---- HTTP ----------------------------------------------------------------------------------------
 
@@ -79,27 +104,42 @@ class Ingress:
             return error_response(ErrorReply(
                 404, f"The model `{body.get('model')}` does not exist; this server serves `{self.model_name}`.",
                 "NotFoundError", "model"))
+        trace = Trace(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex)
         t0 = time.monotonic()
-        replies = self.serve_request(endpoint, body)
+        replies = self.serve_request(endpoint, body, trace)
         try:
-            first = await replies.__anext__()
-        except Exception as exc:  # a replica failed before producing anything
-            logger.exception("request failed before the first reply")
-            return error_response(ErrorReply(503, f"request failed: {type(exc).__name__}: {exc}", "ServiceUnavailable"))
+            first = await anext(replies)
+        except Overloaded as exc:
+            self._log(trace, t0, 429)
+            return error_response(ErrorReply(429, f"server overloaded, retry later: {exc}", "RateLimitError"),
+                                  trace.headers() | {"retry-after": "1"})
         if isinstance(first, ErrorReply):
-            return error_response(first)
+            self._log(trace, t0, first.status)
+            return error_response(first, trace.headers())
         if isinstance(first, JsonReply):
-            logger.info("%s request done in %.3f s", endpoint, time.monotonic() - t0)
-            return JSONResponse(first.body)
-        return StreamingResponse(self._stream(first, replies), media_type="text/event-stream")
+            self._log(trace, t0, 200)
+            return JSONResponse(first.body, headers=trace.headers())
+        return StreamingResponse(self._stream(first, replies, trace, t0), media_type="text/event-stream",
+                                 headers=trace.headers())
 
-    async def _stream(self, first: str, rest: AsyncIterator) -> AsyncIterator[str]:
-        yield first
+    async def _stream(self, first: str, rest: AsyncIterator, trace: Trace, t0: float) -> AsyncIterator[str]:
+        status = 200
         try:
+            yield first
             async for chunk in rest:
                 yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away
+            raise
         except Exception as exc:  # the stream broke after tokens went out: end it cleanly
-            logger.exception("stream failed mid-way")
+            status = 503
+            logger.warning("%s: stream interrupted: %s: %s", trace.request_id, type(exc).__name__, exc)
             err = ErrorReply(503, f"stream interrupted: {type(exc).__name__}: {exc}", "ServiceUnavailable")
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
+        finally:
+            await rest.aclose()  # client gone or stream done: cancel the replica call (vLLM aborts the request)
+            self._log(trace, t0, status)
+
+    def _log(self, trace: Trace, t0: float, status: int) -> None:
+        logger.info("request %s", json.dumps(trace.headers() | {"status": status, "e2e_s": round(time.monotonic() - t0, 4)}))

@@ -8,9 +8,11 @@ they are validated into vLLM's protocol models, run through vLLM's ``OpenAIServi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ class EngineSpec:
     kv_connector: KVConnectorSettings
     engine_id: str
     num_gpus: float = 0
+    kv_lease_s: int = 30
+    kv_pull_timeout_s: float = 10
     env: dict[str, str] = field(default_factory=dict)
 
     def cli_args(self) -> list[str]:
@@ -61,8 +65,43 @@ class EngineSpec:
             args += ["--kv-transfer-config", json.dumps({
                 "kv_connector": kv.connector, "kv_role": _KV_ROLE[self.role], "kv_buffer_device": kv.kv_buffer_device,
                 "engine_id": self.engine_id, "kv_load_failure_policy": kv.kv_load_failure_policy,
+                "kv_connector_extra_config": {"kv_lease_duration": self.kv_lease_s},
             })]
         return args + list(e.extra_args)
+
+
+class KVPullTimeout(RuntimeError):
+    pass
+
+
+class _KVPullDeadline:
+    """The engine client handed to vLLM's serving layer, with one addition: a generation that pulls its
+    prompt's KV from a prefill engine must produce its first output within ``timeout_s``. vLLM has no deadline
+    of its own there: a frozen prefill engine would hang the request. On timeout the generation is cancelled
+    (vLLM aborts the request) and its id is remembered so that the caller can tell this error apart."""
+
+    def __init__(self, client, timeout_s: float):
+        self._client = client
+        self._timeout_s = timeout_s
+        self.timed_out: set[str] = set()
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        stream = self._client.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        params = (getattr(sampling_params, "extra_args", None) or {}).get("kv_transfer_params") or {}
+        return self._first_output_deadline(stream, request_id) if params.get("do_remote_prefill") else stream
+
+    async def _first_output_deadline(self, stream, request_id: str):
+        try:
+            first = await asyncio.wait_for(anext(stream), self._timeout_s)
+        except asyncio.TimeoutError:
+            self.timed_out.add(request_id)
+            raise KVPullTimeout(f"KV pull from the prefill engine timed out after {self._timeout_s:.0f} s") from None
+        yield first
+        async for output in stream:
+            yield output
 
 
 class VLLMEngine:
@@ -85,7 +124,8 @@ class VLLMEngine:
 
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.spec.cli_args())
         validate_parsed_serve_args(args)
-        self._client = await self._stack.enter_async_context(build_async_engine_client(args))
+        real_client = await self._stack.enter_async_context(build_async_engine_client(args))
+        self._client = _KVPullDeadline(real_client, self.spec.kv_pull_timeout_s)
         state = State()
         await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
         self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
@@ -141,6 +181,7 @@ class VLLMEngine:
             request.kv_transfer_params = kv_transfer_params
         elif kv_transfer_params is not None:
             request.kv_transfer_params = kv_transfer_params
+        request.request_id = request_id = uuid.uuid4().hex
         serving = self._serving[endpoint]
         create = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
         try:
@@ -148,8 +189,16 @@ class VLLMEngine:
         except Exception as exc:  # vLLM raises ValueError / VLLMClientError for bad input
             result = serving.create_error_response(exc)
         if isinstance(result, AsyncIterator):
+            first = True
             async for chunk in result:
+                if first and self._pull_timed_out(request_id):
+                    yield self._pull_timeout_reply()
+                    return
+                first = False
                 yield chunk
+            return
+        if self._pull_timed_out(request_id):
+            yield self._pull_timeout_reply()
             return
         payload = result.model_dump(mode="json", exclude_none=False)
         if "error" in payload and "choices" not in payload:
@@ -158,6 +207,22 @@ class VLLMEngine:
                              err.get("type") or "InternalServerError", err.get("param"))
             return
         yield JsonReply(payload)
+
+    def _pull_timed_out(self, request_id: str) -> bool:
+        hits = {r for r in self._client.timed_out if request_id in r}
+        self._client.timed_out -= hits
+        return bool(hits)
+
+    def _pull_timeout_reply(self) -> ErrorReply:
+        return ErrorReply(504, f"KV pull from the prefill engine timed out after {self.spec.kv_pull_timeout_s:.0f} s",
+                          "KVTransferTimeout")
+
+    def load(self) -> dict:
+        """The engine's own queue and KV gauges, for routing."""
+        v = self.stats("").values
+        return {"num_running": int(v.get("vllm:num_requests_running", 0)),
+                "num_waiting": int(v.get("vllm:num_requests_waiting", 0)),
+                "kv_cache_usage": float(v.get("vllm:kv_cache_usage_perc", 0.0))}
 
     def stats(self, replica: str) -> EngineStats:
         """Sum of each ``vllm:*`` sample of this process's Prometheus registry (the engine's own stat logger)."""

@@ -39,7 +39,7 @@ class EngineServer:
     async def __init__(self, settings: PDServeSettings, role: Role):
         self.role = role
         ctx = serve.get_replica_context()
-        self.replica = f"{role}-{ctx.replica_id.unique_id}"
+        self.replica = ctx.replica_id.unique_id  # the id Serve's router knows this replica by
         pool = pool_of(settings, role)
         host = ray.util.get_node_ip_address()
         env = {
@@ -55,16 +55,23 @@ class EngineServer:
             model=resolve_model(settings.model.source), served_model_name=settings.model.served_model_name,
             role=role, engine=settings.engine, kv_connector=settings.kv_connector,
             engine_id=f"{self.replica}-{uuid.uuid4().hex[:8]}", num_gpus=pool.num_gpus, env=env,
+            kv_lease_s=settings.routing.kv_lease_s, kv_pull_timeout_s=settings.routing.kv_pull_timeout_s,
         )
+        self.num_outstanding_prompt_tokens = 0
         logger.info("starting %s engine %s (pid %d, env %s)", role, spec.engine_id, os.getpid(), env)
         self.engine = VLLMEngine(spec)
         await self.engine.start()
         logger.info("%s engine %s ready", role, spec.engine_id)
 
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve in the background and shipped to the routers (deployments/routing/router.py)."""
+        return self.engine.load() | {"num_outstanding_prompt_tokens": self.num_outstanding_prompt_tokens}
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 
-    async def stats(self) -> EngineStats:
+    async def stats(self, route=None) -> EngineStats:
+        """This engine's counters; ``route=RouteRequest(target=<replica id>)`` asks one replica in particular."""
         return self.engine.stats(self.replica)
 
     async def __del__(self):

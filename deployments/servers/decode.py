@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from ..replies import ErrorReply, JsonReply
+from ..replies import ErrorReply, JsonReply, ReplicaTag
+from ..routing import RouteRequest
 from .base import EngineServer
 
 
 @serve.deployment(name="DecodeServer")
 class DecodeServer(EngineServer):
     async def generate(
-        self, endpoint: str, body: dict, kv_transfer_params: dict | None = None
-    ) -> AsyncIterator[JsonReply | ErrorReply | str]:
+        self, endpoint: str, body: dict, kv_transfer_params: dict | None = None, route: RouteRequest | None = None
+    ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | str]:
+        """First a ``ReplicaTag`` (who serves the request), then the engine's reply."""
+        yield ReplicaTag(self.replica)
         async for item in self.engine.generate(endpoint, body, kv_transfer_params):
             yield item

@@ -6,16 +6,22 @@ from ray import serve
 
 from ..kv import prefill_request_params
 from ..replies import ErrorReply, JsonReply, PrefillReply
+from ..routing import RouteRequest
 from .base import EngineServer
 
 
 @serve.deployment(name="PrefillServer")
 class PrefillServer(EngineServer):
-    async def prefill(self, endpoint: str, body: dict) -> PrefillReply | ErrorReply:
+    async def prefill(self, endpoint: str, body: dict, route: RouteRequest | None = None) -> PrefillReply | ErrorReply:
         """Run the request for one token with ``do_remote_decode``; return the engine's KV hand-off."""
         reply = None
-        async for item in self.engine.generate(endpoint, body, prefill_request_params(), prefill_only=True):
-            reply = item
+        num_tokens = route.num_prompt_tokens if route else 0
+        self.num_outstanding_prompt_tokens += num_tokens
+        try:
+            async for item in self.engine.generate(endpoint, body, prefill_request_params(), prefill_only=True):
+                reply = item
+        finally:
+            self.num_outstanding_prompt_tokens -= num_tokens
         if isinstance(reply, ErrorReply):
             return reply
         if not isinstance(reply, JsonReply) or not reply.body.get("kv_transfer_params"):

@@ -1,0 +1,4 @@
+from .breaker import CircuitBreaker
+from .policies import POLICIES, Decision, ReplicaLoad, RouteRequest, decide_prefill
+
+__all__ = ["POLICIES", "CircuitBreaker", "Decision", "ReplicaLoad", "RouteRequest", "decide_prefill"]

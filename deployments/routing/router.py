@@ -1,0 +1,40 @@
+"""Ray Serve request router that applies pdserve's pure routing policies to live replica stats.
+
+Each engine replica reports its load through ``record_routing_stats`` (Serve polls it in the background and
+ships it to every router), so routing never waits on a replica. The ingress passes a ``RouteRequest`` as the
+``route`` keyword of each call: its prefix key, prompt size and the replicas to avoid (failed for this
+request, or taken out of rotation by the circuit breaker). Routers register themselves by deployment name so
+that the ingress, which owns them, can read the pool's live view for its own decisions.
+"""
+
+from __future__ import annotations
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from .policies import POLICIES, ReplicaLoad, RouteRequest
+
+# deployment name -> the router of that pool in this process (the ingress replica)
+ROUTERS: dict[str, PDRequestRouter] = {}
+
+
+class PDRequestRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, policy: str = "least_loaded", **kwargs) -> None:
+        self._policy = POLICIES[policy]
+        ROUTERS[self._deployment_id.name] = self
+
+    def pool_view(self) -> dict[str, ReplicaLoad]:
+        """Live replicas of this pool and their last reported load."""
+        return {rid.unique_id: ReplicaLoad.from_stats(r.routing_stats) for rid, r in self.curr_replicas.items()}
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        route = (pending_request.kwargs.get("route") if pending_request else None) or RouteRequest()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if route.target in by_id:
+            return [[by_id[route.target]]]
+        stats = {rid: ReplicaLoad.from_stats(r.routing_stats) for rid, r in by_id.items()}
+        ranked = self._policy(route, list(by_id), stats)
+        if not ranked:  # every replica excluded: better a suspect replica than no answer at all
+            ranked = self._policy(RouteRequest(seq=route.seq, prefix_key=route.prefix_key), list(by_id), stats)
+        return [[by_id[rid]] for rid in ranked]

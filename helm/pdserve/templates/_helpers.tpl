@@ -1,0 +1,255 @@
+{{/* Names and labels ------------------------------------------------------------------------------------ */}}
+
+{{- define "pdserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name; RayService names must leave room for KubeRay's suffixes (`-<hash>-head-svc`): 40 characters. */}}
+{{- define "pdserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "pdserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "pdserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pdserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "pdserve.labels" -}}
+helm.sh/chart: {{ include "pdserve.chart" . }}
+{{ include "pdserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pdserve
+{{- end }}
+
+{{- define "pdserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+
+{{- define "pdserve.apiKeySecretName" -}}
+{{- .Values.apiKey.existingSecret | default (printf "%s-api-key" (include "pdserve.fullname" .)) }}
+{{- end }}
+
+{{/* Serve config (serveConfigV2) ----------------------------------------------------------------------------
+   The args are PDServeSettings (deployments/settings.py): snake_case, extra fields forbidden. Each helper
+   returns JSON; callers decode it with fromJson so that the final toYaml renders one consistent document. */}}
+
+{{/* A pool's PoolSettings. Args: dict "pool" <.Values.prefill|decode>. */}}
+{{- define "pdserve.poolSettings" -}}
+{{- $d := .pool.deployment }}
+{{- toJson (dict
+  "num_replicas" (int $d.numReplicas)
+  "num_gpus" $d.numGpus
+  "num_cpus" $d.numCpus
+  "cpu_bind" $d.cpuBind
+  "ray_resources" (dict .pool.rayResource 1)) }}
+{{- end }}
+
+{{- define "pdserve.settings" -}}
+{{- $v := .Values }}
+{{- $engine := dict
+  "dtype" $v.engine.dtype
+  "max_model_len" (int $v.engine.maxModelLen)
+  "max_num_seqs" (int $v.engine.maxNumSeqs)
+  "cpu_kv_cache_space_gib" (int $v.engine.cpuKvCacheSpaceGib)
+  "gpu_memory_utilization" $v.engine.gpuMemoryUtilization
+  "enforce_eager" $v.engine.enforceEager
+  "enable_prefix_caching" $v.engine.enablePrefixCaching
+  "extra_args" $v.engine.extraArgs }}
+{{- if not (kindIs "invalid" $v.engine.blockSize) }}
+{{- $_ := set $engine "block_size" (int $v.engine.blockSize) }}
+{{- end }}
+{{- toJson (dict
+  "mode" "disaggregated"
+  "model" (dict "source" $v.model.source "served_model_name" $v.model.servedModelName)
+  "engine" $engine
+  "kv_connector" (dict
+    "connector" $v.kvConnector.connector
+    "kv_buffer_device" $v.kvConnector.kvBufferDevice
+    "kv_load_failure_policy" $v.kvConnector.kvLoadFailurePolicy
+    "nixl_progress_delay_us" (int $v.kvConnector.nixlProgressDelayUs))
+  "prefill" (include "pdserve.poolSettings" (dict "pool" $v.prefill) | fromJson)
+  "decode" (include "pdserve.poolSettings" (dict "pool" $v.decode) | fromJson)
+  "routing" (dict "prefill_policy" $v.routing.prefillPolicy "decode_policy" $v.routing.decodePolicy)
+  "http" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
+  "request_timeout_s" $v.serve.requestTimeoutS) }}
+{{- end }}
+
+{{/* A deployment override: Serve autoscaling_config, or a fixed num_replicas. Args: dict "name" "pool". */}}
+{{- define "pdserve.deploymentOverride" -}}
+{{- $a := .pool.deployment.autoscaling }}
+{{- $override := dict "name" .name }}
+{{- if $a.enabled }}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
+{{- fail (printf "%s: deployment.autoscaling.minReplicas (%v) > maxReplicas (%v)" .name $a.minReplicas $a.maxReplicas) }}
+{{- end }}
+{{- $config := dict
+  "min_replicas" (int $a.minReplicas)
+  "max_replicas" (int $a.maxReplicas)
+  "target_ongoing_requests" $a.targetOngoingRequests
+  "upscale_delay_s" $a.upscaleDelayS
+  "downscale_delay_s" $a.downscaleDelayS }}
+{{- if not (kindIs "invalid" $a.initialReplicas) }}
+{{- $_ := set $config "initial_replicas" (int $a.initialReplicas) }}
+{{- end }}
+{{- $_ := set $override "autoscaling_config" $config }}
+{{- else }}
+{{- $_ := set $override "num_replicas" (int .pool.deployment.numReplicas) }}
+{{- end }}
+{{- toJson $override }}
+{{- end }}
+
+{{- define "pdserve.serveConfig" -}}
+{{- $v := .Values }}
+{{- $app := dict
+  "name" $v.serve.applicationName
+  "route_prefix" $v.serve.routePrefix
+  "import_path" "deployments.app:build_app"
+  "args" (include "pdserve.settings" . | fromJson)
+  "deployments" (list
+    (dict "name" "Ingress" "num_replicas" (int $v.serve.ingressReplicas))
+    (include "pdserve.deploymentOverride" (dict "name" "PrefillServer" "pool" $v.prefill) | fromJson)
+    (include "pdserve.deploymentOverride" (dict "name" "DecodeServer" "pool" $v.decode) | fromJson)) }}
+{{- toYaml (dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
+  "applications" (list $app)) }}
+{{- end }}
+
+{{/* Pods ---------------------------------------------------------------------------------------------------- */}}
+
+{{/* A worker group's `ray start` parameters: the user's, with the metrics port and the pool's custom resource.
+   KubeRay passes `resources` to `ray start --resources=...` through a shell: the JSON is quoted and escaped. */}}
+{{- define "pdserve.workerRayStartParams" -}}
+{{- $root := .root }}
+{{- $resources := dict .pool.rayResource (int .pool.workerGroup.replicasPerPod) }}
+{{- $params := dict
+  "metrics-export-port" (toString (int $root.Values.metrics.port))
+  "resources" (printf "%q" (toJson $resources)) }}
+{{- toYaml (merge $params (deepCopy .pool.workerGroup.rayStartParams)) }}
+{{- end }}
+
+{{/* Fails when a pool can never place its fixed Serve replicas, or its pods lack the GPUs its replicas ask for. */}}
+{{- define "pdserve.checkPool" -}}
+{{- $root := .root }}
+{{- $d := .pool.deployment }}
+{{- $wg := .pool.workerGroup }}
+{{- $pods := ternary $wg.maxReplicas $wg.replicas $root.Values.rayAutoscaler.enabled }}
+{{- $slots := mul (int $pods) (int $wg.replicasPerPod) }}
+{{- $needed := ternary $d.autoscaling.minReplicas $d.numReplicas $d.autoscaling.enabled }}
+{{- if gt (int $needed) (int $slots) }}
+{{- fail (printf "%s: %v Serve replicas needed but the worker group offers %v slots (pods x replicasPerPod)" .name $needed $slots) }}
+{{- end }}
+{{- if gt (int $wg.minReplicas) (int $wg.maxReplicas) }}
+{{- fail (printf "%s: workerGroup.minReplicas (%v) > maxReplicas (%v)" .name $wg.minReplicas $wg.maxReplicas) }}
+{{- end }}
+{{- $gpus := include "pdserve.gpusPerPod" . | float64 }}
+{{- $limit := index (default dict ($wg.resources).limits) $root.Values.gpuResourceName }}
+{{- if and (not (kindIs "invalid" $limit)) (lt (float64 $limit) $gpus) }}
+{{- fail (printf "%s: each pod hosts %v replicas of %v GPUs but limits %s to %v" .name $wg.replicasPerPod $d.numGpus $root.Values.gpuResourceName $limit) }}
+{{- end }}
+{{- end }}
+
+{{/* GPUs one pod of a pool needs: numGpus x replicasPerPod, rounded up. Args: dict "pool". */}}
+{{- define "pdserve.gpusPerPod" -}}
+{{- ceil (mulf .pool.deployment.numGpus .pool.workerGroup.replicasPerPod) | int }}
+{{- end }}
+
+{{/* A worker container's resources: the values' CPU/memory plus the GPUs its replicas ask for (unless set). */}}
+{{- define "pdserve.workerResources" -}}
+{{- $resources := deepCopy (default dict .pool.workerGroup.resources) }}
+{{- $gpus := include "pdserve.gpusPerPod" . | int }}
+{{- if gt $gpus 0 }}
+{{- $gpuName := .root.Values.gpuResourceName }}
+{{- $limits := default dict $resources.limits }}
+{{- if not (hasKey $limits $gpuName) }}
+{{- $_ := set $limits $gpuName $gpus }}
+{{- end }}
+{{- $_ := set $resources "limits" $limits }}
+{{- $requests := default dict $resources.requests }}
+{{- if not (hasKey $requests $gpuName) }}
+{{- $_ := set $requests $gpuName (index $limits $gpuName) }}
+{{- end }}
+{{- $_ := set $resources "requests" $requests }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/* Env of every Ray container: the API key (if on), then the user's. Args: root context. */}}
+{{- define "pdserve.env" -}}
+{{- if .Values.apiKey.enabled }}
+- name: PDSERVE_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pdserve.apiKeySecretName" . }}
+      key: {{ .Values.apiKey.secretKey }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* A Ray pod spec. Args: dict "root" "group" (head or workerGroup values) "container" "resources" "ports". */}}
+{{- define "pdserve.podSpec" -}}
+{{- $root := .root }}
+{{- $group := .group }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $group.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $group.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $group.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+containers:
+  - name: {{ .container }}
+    image: {{ include "pdserve.image" $root }}
+    imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+    {{- with (include "pdserve.env" $root) }}
+    env:
+      {{- . | nindent 6 }}
+    {{- end }}
+    {{- with $root.Values.envFrom }}
+    envFrom:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    ports:
+      {{- toYaml .ports | nindent 6 }}
+    {{- with .resources }}
+    resources:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    lifecycle:
+      preStop:
+        exec:
+          command: ["/bin/sh", "-c", "ray stop"]
+    {{- with $group.volumeMounts }}
+    volumeMounts:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- with $group.volumes }}
+volumes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

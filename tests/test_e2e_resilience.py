@@ -1,0 +1,267 @@
+"""Routing and failure handling on the real cluster, with failures injected for real.
+
+Runs after the output tests (file order): some tests kill replicas, and Serve takes ~1 min to replace them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+import ray
+
+from .prompts import SHORT, long_prompt, tagged
+
+pytestmark = pytest.mark.cluster
+LONG = long_prompt(30)  # ~400 tokens: above min_remote_prefill_tokens, quick to prefill on one core
+
+
+def _complete(base: str, model: str, prompt: str, max_tokens: int = 12, timeout: float = 120) -> httpx.Response:
+    return httpx.post(base + "/completions", timeout=timeout,
+                      json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+
+
+def _text(resp: httpx.Response) -> str:
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["text"]
+
+
+def test_short_prompt_prefills_locally_long_one_moves_kv(cluster):
+    decode_ids = [r.id for r in cluster.replicas("DecodeServer")]
+    transfers = lambda: sum(cluster.stats("DecodeServer", replica=r).get("vllm:nixl_xfer_time_seconds_count")  # noqa: E731
+                            for r in decode_ids)
+    before = transfers()
+    short_prompt = tagged(uuid.uuid4().hex, SHORT)
+    short = _complete(cluster.pd, cluster.model, short_prompt)
+    assert short.headers["x-pdserve-route"] == "local_prefill"
+    assert short.headers["x-pdserve-route-reason"] == "short_prompt"
+    assert "x-pdserve-prefill-replica" not in short.headers
+    time.sleep(1.5)
+    assert transfers() == before  # no KV transfer for the short prompt
+    prompt = tagged(uuid.uuid4().hex, LONG)
+    long = _complete(cluster.pd, cluster.model, prompt)
+    assert long.headers["x-pdserve-route"] == "disaggregated"
+    assert long.headers["x-pdserve-prefill-replica"] and long.headers["x-pdserve-decode-replica"]
+    deadline = time.monotonic() + 10
+    while transfers() != before + 1:
+        assert time.monotonic() < deadline, "the long prompt's KV transfer was not counted"
+        time.sleep(0.3)
+    assert _text(long) == _text(_complete(cluster.colocated, cluster.model, prompt))
+    assert _text(short) == _text(_complete(cluster.colocated, cluster.model, short_prompt))
+
+
+def test_prefix_affinity_keeps_a_shared_prefix_on_one_prefill_replica(cluster):
+    prefix = tagged(uuid.uuid4().hex, LONG)
+    chosen, before = set(), {r.id: cluster.stats("PrefillServer", replica=r.id).get("vllm:prefix_cache_hits_total")
+                             for r in cluster.replicas("PrefillServer")}
+    for i in range(4):
+        resp = _complete(cluster.pd, cluster.model, prefix + f"\nQuestion {i}: which fact mentions granite?")
+        assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated", resp.text
+        chosen.add(resp.headers["x-pdserve-prefill-replica"])
+    assert len(chosen) == 1, chosen
+    [replica] = chosen
+    hits = cluster.stats("PrefillServer", replica=replica).get("vllm:prefix_cache_hits_total") - before[replica]
+    assert hits >= 3 * 300, f"prefix cache hits on {replica}: {hits}"  # requests 2-4 reuse the ~400-token prefix
+
+
+def test_client_disconnect_mid_stream_frees_both_engines(cluster):
+    body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, LONG), "max_tokens": 1500,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as client, client.stream("POST", cluster.pd + "/completions", json=body) as resp:
+        assert resp.status_code == 200
+        decode_replica = resp.headers["x-pdserve-decode-replica"]
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 10:
+                break  # leave with tokens still coming
+    deadline = time.monotonic() + 10
+    while True:
+        stats = cluster.stats("DecodeServer", replica=decode_replica)
+        if stats.get("vllm:num_requests_running") == 0 and stats.get("vllm:num_requests_waiting") == 0:
+            break
+        assert time.monotonic() < deadline, "decode engine still runs the abandoned request"
+        time.sleep(0.5)
+    assert stats.get("vllm:kv_cache_usage_perc") < 0.05
+
+
+def _burst(cluster, prompts, during=None) -> tuple[list[httpx.Response], list[float]]:
+    def one(p):
+        t0 = time.monotonic()
+        r = _complete(cluster.pd, cluster.model, p, max_tokens=8, timeout=180)
+        return r, time.monotonic() - t0
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(one, p) for p in prompts]
+        if during:
+            during()
+        results = [f.result() for f in futures]
+    return [r for r, _ in results], [t for _, t in results]
+
+
+def test_killed_prefill_replica_loses_no_request(cluster):
+    prompts = [tagged(f"kill-{i}-{uuid.uuid4().hex[:6]}", LONG) for i in range(24)]
+    expected = [_text(_complete(cluster.colocated, cluster.model, p, max_tokens=8)) for p in prompts[:4]]
+    base_resps, base_times = _burst(cluster, [tagged(f"warm-{i}-{uuid.uuid4().hex[:6]}", LONG) for i in range(24)])
+    assert all(r.status_code == 200 for r in base_resps), [r.text for r in base_resps if r.status_code != 200]
+    victim = cluster.replicas("PrefillServer")[0]
+
+    def kill():
+        time.sleep(1.0)
+        ray.kill(ray.get_actor(victim.actor_name, namespace="serve"), no_restart=False)
+
+    resps, times = _burst(cluster, prompts, during=kill)
+    failed = [r.text for r in resps if r.status_code != 200]
+    assert not failed, failed
+    assert [_text(r) for r in resps[:4]] == expected
+    print(f"burst of 24 with a prefill replica killed: max {max(times):.1f} s, mean {sum(times) / 24:.1f} s; "
+          f"without: max {max(base_times):.1f} s, mean {sum(base_times) / 24:.1f} s; "
+          f"fallbacks: {[r.headers.get('x-pdserve-fallback') for r in resps if r.headers.get('x-pdserve-fallback')]}")
+    cluster.wait_for_replicas("PrefillServer", 2)
+
+
+def _process_group(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_frozen_prefill_replica_hangs_no_request(cluster):
+    """SIGSTOP a prefill replica and its engine (a hung node): requests finish via retry or local prefill."""
+    victim = cluster.replicas("PrefillServer")[0]
+    procs = _process_group(victim.pid)
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        prompts = [tagged(f"freeze-{i}-{uuid.uuid4().hex[:6]}", LONG) for i in range(6)]
+        resps, times = _burst(cluster, prompts)
+        assert all(r.status_code == 200 for r in resps), [r.text for r in resps]
+        assert max(times) < 20 + 8 + 60, times  # prefill deadline + pull deadline + the work itself
+        print(f"frozen prefill replica: max {max(times):.1f} s, fallbacks "
+              f"{[r.headers.get('x-pdserve-fallback') for r in resps]}")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def silent_side_channel():
+    """A port that accepts TCP connections and never answers: a frozen prefill engine's NIXL side channel."""
+    server = socket.socket()
+    server.bind((ray.util.get_node_ip_address(), 0))
+    server.listen(16)
+    yield server.getsockname()
+    server.close()
+
+
+@pytest.mark.parametrize("channel", ["unreachable", "silent"])
+def test_failed_kv_pull_is_bounded_and_falls_back(cluster, silent_side_channel, channel):
+    """A decode engine handed KV params it cannot pull: recomputed (unreachable) or aborted at the deadline
+    (silent); either way the request ends in bounded time and the engine is left idle."""
+    from ray import serve
+
+    host, port = silent_side_channel
+    if channel == "unreachable":
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]  # closed again: nothing listens there
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2, 3]],
+              "remote_engine_id": f"ghost-{uuid.uuid4().hex[:6]}", "remote_request_id": "ghost",
+              "remote_host": host, "remote_port": port, "tp_size": 1, "remote_num_tokens": 40}
+    body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, SHORT), "max_tokens": 4, "temperature": 0}
+    handle = serve.get_deployment_handle("DecodeServer", "pdserve").options(stream=True)
+    t0 = time.monotonic()
+    items = list(handle.generate.remote("completions", body, params))
+    elapsed = time.monotonic() - t0
+    reply = items[1]
+    assert elapsed < 8 + 10, elapsed
+    if type(reply).__name__ == "ErrorReply":
+        assert reply.status == 504 and reply.type == "KVTransferTimeout"
+    else:
+        assert reply.body["choices"][0]["text"] == _text(_complete(cluster.colocated, cluster.model, body["prompt"], 4))
+    print(f"{channel} side channel: {type(reply).__name__} after {elapsed:.1f} s")
+
+
+def test_killed_decode_replica_before_first_token_is_retried(cluster):
+    victim = cluster.replicas("DecodeServer")[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    prompts = [tagged(f"dkill-{i}-{uuid.uuid4().hex[:6]}", SHORT) for i in range(6)]
+    resps, _ = _burst(cluster, prompts)
+    assert all(r.status_code == 200 for r in resps), [r.text for r in resps]
+    assert all(r.headers["x-pdserve-decode-replica"] != victim.id for r in resps)
+    cluster.wait_for_replicas("DecodeServer", 2)
+
+
+def test_killed_decode_replica_mid_stream_ends_the_stream_cleanly(cluster):
+    body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, SHORT), "max_tokens": 1500,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    lines: list[str] = []
+    with httpx.Client(timeout=60) as client, client.stream("POST", cluster.pd + "/completions", json=body) as resp:
+        victim = next(r for r in cluster.replicas("DecodeServer") if r.id == resp.headers["x-pdserve-decode-replica"])
+        killer = threading.Timer(2.0, os.kill, (victim.pid, signal.SIGKILL))
+        t0 = time.monotonic()
+        killer.start()
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        closed_after = time.monotonic() - t0
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])
+    assert error["error"]["code"] == 503 and "interrupted" in error["error"]["message"]
+    assert len(lines) > 3 and closed_after < 30
+    cluster.wait_for_replicas("DecodeServer", 2)
+
+
+def test_overload_answers_429_and_recovers(cluster):
+    body = lambda i: {"model": cluster.model, "prompt": tagged(f"load-{i}", SHORT), "max_tokens": 48,  # noqa: E731
+                      "temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(48) as pool:
+        t0 = time.monotonic()
+        resps = list(pool.map(lambda i: httpx.post(cluster.pd + "/completions", json=body(i), timeout=300), range(48)))
+    statuses = [r.status_code for r in resps]
+    rejected = [r for r in resps if r.status_code == 429]
+    assert rejected and set(statuses) <= {200, 429}, statuses
+    assert all(r.headers.get("retry-after") and r.json()["error"]["code"] == 429 for r in rejected)
+    print(f"overload: {len(rejected)} of 48 rejected with 429, burst done in {time.monotonic() - t0:.1f} s")
+    assert _complete(cluster.pd, cluster.model, SHORT).status_code == 200
+
+
+def test_kv_pull_from_a_frozen_prefill_engine_hits_the_deadline(cluster):
+    """Prefill answers, then freezes before decode pulls (a hung node): vLLM would wait forever; the decode
+    replica aborts the pull at kv_pull_timeout_s and answers 504 KVTransferTimeout (the ingress then prefills
+    locally), and its engine is left idle."""
+    from ray import serve
+
+    from deployments.routing import RouteRequest
+
+    prefill_replica, decode_replica = cluster.replicas("PrefillServer")[0], cluster.replicas("DecodeServer")[0]
+    prefill = serve.get_deployment_handle("PrefillServer", "pdserve")
+    decode = serve.get_deployment_handle("DecodeServer", "pdserve").options(stream=True)
+    to_p, to_d = RouteRequest(target=prefill_replica.id), RouteRequest(target=decode_replica.id)
+
+    def body():
+        return {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, LONG), "max_tokens": 4, "temperature": 0}
+
+    warm = prefill.prefill.remote("completions", body(), route=to_p).result()  # decode handshakes with prefill
+    assert type(list(decode.generate.remote("completions", body(), warm.kv_transfer_params, route=to_d))[1]).__name__ == "JsonReply"
+    handoff = prefill.prefill.remote("completions", body(), route=to_p).result()
+    procs = _process_group(prefill_replica.pid)
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        items = list(decode.generate.remote("completions", body(), handoff.kv_transfer_params, route=to_d))
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+    reply = items[1]
+    print(f"frozen prefill engine: {type(reply).__name__} after {elapsed:.1f} s")
+    assert type(reply).__name__ == "ErrorReply" and reply.status == 504 and reply.type == "KVTransferTimeout", reply
+    assert elapsed < 8 + 5
+    stats = cluster.stats("DecodeServer", replica=decode_replica.id)
+    assert stats.get("vllm:num_requests_running") == 0 and stats.get("vllm:num_requests_waiting") == 0

