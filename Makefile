@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run down status test test-unit clean
+.PHONY: install run down status test test-unit clean prometheus
 
 install: $(STAMP)
 
@@ -31,7 +31,15 @@ down:
 status:
 	$(BIN)/pdserve status
 
-test: install
+# The metrics tests start a real Prometheus server (and use its promtool): Debian's package.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (metrics tests)"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends prometheus >/dev/null || { \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q >/dev/null && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
+
+test: install prometheus
 	$(BIN)/python -m pytest -v -rA --durations=15 tests
 
 test-unit: install

@@ -30,6 +30,7 @@ class ReplicaTag:
     """First item of a decode stream: the replica that serves it (the ingress reports it to the client)."""
 
     replica: str
+    started_at: float  # wall clock when the replica began the request
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class PrefillReply:
     kv_transfer_params: dict
     num_prompt_tokens: int
     prefill_replica: str
+    started_at: float  # wall clock: the prefill replica began ...
+    finished_at: float  # ... and finished
+    kv_bytes: int  # KV cache bytes held for the decode engine
 
 
 @dataclass

@@ -126,6 +126,13 @@ class PoolSettings(_Strict):
         return self.cpu_bind[local_rank % len(self.cpu_bind)] if self.cpu_bind else None
 
 
+class SLOSettings(_Strict):
+    ttft_s: float = Field(5.0, gt=0, description="Time-to-first-token target of a request, in seconds.")
+    itl_s: float = Field(
+        0.1, gt=0, description="Inter-token latency target: the mean gap between output tokens (TPOT), in seconds."
+    )
+
+
 class HttpSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API.")
@@ -146,6 +153,7 @@ class PDServeSettings(_Strict):
     decode: PoolSettings | None = Field(None, description="Decode pool (disaggregated mode).")
     colocated: PoolSettings | None = Field(None, description="The single pool of colocated mode.")
     routing: RoutingSettings = Field(default_factory=RoutingSettings, description="Routing, retries, deadlines.")
+    slo: SLOSettings = Field(default_factory=SLOSettings, description="Targets that define goodput.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
     request_timeout_s: float = Field(600, gt=0, description="Longest a request may take end to end.")
 

@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))
 
 
+# Cluster test modules run in this order, after the fast tests: the idle-CPU test wants a quiet cluster, the
+# resilience tests kill replicas, and the metrics tests check (among others) metrics that failures create.
+CLUSTER_MODULE_ORDER = ["test_e2e_cpu", "test_e2e_errors", "test_e2e_outputs", "test_e2e_loadtest",
+                        "test_e2e_resilience", "test_e2e_metrics"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return CLUSTER_MODULE_ORDER.index(name) + 1 if name in CLUSTER_MODULE_ORDER else 0
+
+    items.sort(key=rank)  # stable: keeps the order inside each module
+
+
 @dataclass
 class Cluster:
     base: str
@@ -93,7 +107,7 @@ def _combined_config(tmp: Path) -> Path:
     for pool in ("prefill", "decode"):
         args[pool] |= {"num_replicas": 2, "cpu_bind": ["0", "1"]}
     args["routing"] = {"prefill_timeout_s": 20, "kv_pull_timeout_s": 8, "breaker_cooldown_s": 10,
-                       "max_queued_requests": 8}
+                       "max_queued_requests": 16}
     args["engine"]["max_num_seqs"] = 4
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))

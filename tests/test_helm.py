@@ -301,7 +301,9 @@ def test_chart_defaults_are_the_apps_defaults_where_both_have_one(helm_bin):
     docs = ht.render(helm_bin)
     rendered_args = ht.serve_config(rayservice_of(docs))["applications"][0]["args"]
     defaults = PDServeSettings.model_validate({"prefill": {}, "decode": {}})
-    assert rendered_args["routing"] == defaults.routing.model_dump(include={"prefill_policy", "decode_policy"})
+    assert rendered_args["routing"] == defaults.routing.model_dump(
+        include={"prefill_policy", "decode_policy", "min_remote_prefill_tokens"})
+    assert rendered_args["slo"] == defaults.slo.model_dump()
     assert rendered_args["model"] == defaults.model.model_dump()
     assert rendered_args["kv_connector"] | {"kv_buffer_device": "cpu"} == defaults.kv_connector.model_dump()
 

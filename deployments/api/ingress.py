@@ -18,7 +18,9 @@ from ..replies import ErrorReply, JsonReply
 from ..routing import ReplicaLoad, RouteRequest, decide_prefill
 from ..routing.policies import estimate_prompt_tokens, prefix_key, prompt_text
 from ..settings import PDServeSettings
-from .phases import DecodePhase, Overloaded, PrefillPhase, Trace
+from ..metrics import metrics, record_request
+from .phases import DecodePhase, Overloaded, PrefillPhase
+from .trace import Trace
 
 logger = logging.getLogger("pdserve.ingress")
 api = FastAPI(title="pdserve", description="Disaggregated prefill/decode LLM serving, OpenAI-compatible API")
@@ -36,10 +38,18 @@ class Ingress:
         self.settings = settings
         self.model_name = settings.model.served_model_name
         routing = settings.routing
-        self.prefill = PrefillPhase(prefill, "PrefillServer", routing) if prefill is not None else None
+        self.prefill = PrefillPhase(prefill, "PrefillServer", routing, self.model_name) if prefill is not None else None
         decode_name = "DecodeServer" if prefill is not None else "ColocatedServer"
-        self.decode = DecodePhase(decode, decode_name, routing, settings.request_timeout_s)
+        self.decode = DecodePhase(decode, decode_name, routing, self.model_name, settings.request_timeout_s)
         self.num_requests = 0
+        self._gauge_refresh: asyncio.Task | None = None
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            for phase in (self.prefill, self.decode):
+                if phase is not None:
+                    phase.inflight.publish()
+            await asyncio.sleep(2)
 
     async def serve_request(self, endpoint: str, body: dict, trace: Trace) -> AsyncIterator[JsonReply | ErrorReply | str]:
         """route → prefill → hand-off → decode → stream."""
@@ -91,6 +101,8 @@ class Ingress:
         return await self._handle("completions", request)
 
     async def _handle(self, endpoint: str, request: Request):
+        if self._gauge_refresh is None:
+            self._gauge_refresh = asyncio.create_task(self._refresh_gauges())
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             return error_response(ErrorReply(413, f"request body over {MAX_BODY_BYTES} bytes", "RequestTooLarge"))
@@ -104,29 +116,50 @@ class Ingress:
             return error_response(ErrorReply(
                 404, f"The model `{body.get('model')}` does not exist; this server serves `{self.model_name}`.",
                 "NotFoundError", "model"))
-        trace = Trace(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex)
-        t0 = time.monotonic()
+        trace = Trace(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model=self.model_name)
         replies = self.serve_request(endpoint, body, trace)
         try:
             first = await anext(replies)
         except Overloaded as exc:
-            self._log(trace, t0, 429)
+            self._finish(trace, 429)
             return error_response(ErrorReply(429, f"server overloaded, retry later: {exc}", "RateLimitError"),
                                   trace.headers() | {"retry-after": "1"})
         if isinstance(first, ErrorReply):
-            self._log(trace, t0, first.status)
+            self._finish(trace, first.status)
             return error_response(first, trace.headers())
         if isinstance(first, JsonReply):
-            self._log(trace, t0, 200)
-            return JSONResponse(first.body, headers=trace.headers())
-        return StreamingResponse(self._stream(first, replies, trace, t0), media_type="text/event-stream",
-                                 headers=trace.headers())
+            trace.finished_at = time.time()
+            engine = first.body.get("metrics") or {}
+            engine_ttft_ms = engine.get("time_to_first_token_ms")
+            if engine.get("mean_itl_ms") is not None:
+                trace.engine_mean_itl_s = engine["mean_itl_ms"] / 1000
+            if engine_ttft_ms is not None and trace.decode_started_at is not None:
+                trace.first_token_at = min(trace.decode_started_at + engine_ttft_ms / 1000, trace.finished_at)
+            self._finish(trace, 200)
+            return JSONResponse(first.body | {"pdserve_timing": trace.timing()},
+                                headers=trace.headers() | {"x-pdserve-timing": trace.timing_header()})
+        trace.first_token_at = time.time()
+        return StreamingResponse(self._stream(first, replies, trace, skip_first_gap=endpoint == "chat"),
+                                 media_type="text/event-stream", headers=trace.headers())
 
-    async def _stream(self, first: str, rest: AsyncIterator, trace: Trace, t0: float) -> AsyncIterator[str]:
-        status = 200
+    async def _stream(self, first: str, rest: AsyncIterator, trace: Trace, skip_first_gap: bool) -> AsyncIterator[str]:
+        """Relay SSE chunks; time each gap; put the timing breakdown into the final usage chunk, if any."""
+        status, last = 200, time.time()
         try:
             yield first
             async for chunk in rest:
+                now = time.time()
+                if chunk.startswith("data: [DONE]"):
+                    trace.finished_at = trace.finished_at or now
+                elif '"usage":{' in chunk and '"choices":[]' in chunk:  # the final usage chunk
+                    trace.finished_at = now
+                    payload = json.loads(chunk[len("data: "):])
+                    chunk = f"data: {json.dumps(payload | {'pdserve_timing': trace.timing()})}\n\n"
+                elif skip_first_gap:
+                    skip_first_gap = False  # chat's first chunk only carries the role
+                else:
+                    trace.token_gaps_s.append(now - last)
+                last = now
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away
@@ -139,7 +172,15 @@ class Ingress:
             yield "data: [DONE]\n\n"
         finally:
             await rest.aclose()  # client gone or stream done: cancel the replica call (vLLM aborts the request)
-            self._log(trace, t0, status)
+            trace.finished_at = trace.finished_at or time.time()
+            self._finish(trace, status)
 
-    def _log(self, trace: Trace, t0: float, status: int) -> None:
-        logger.info("request %s", json.dumps(trace.headers() | {"status": status, "e2e_s": round(time.monotonic() - t0, 4)}))
+    def _finish(self, trace: Trace, status: int) -> None:
+        """One log line and the metrics of a finished request."""
+        trace.finished_at = trace.finished_at or time.time()
+        outcome = "ok" if status == 200 else "client_error" if status < 500 else "server_error"
+        timing = trace.timing() if status == 200 else {}
+        logger.info("request %s", json.dumps({"request_id": trace.request_id, "status": status, "route": trace.route,
+                                              "reason": trace.reason, "fallbacks": trace.fallbacks,
+                                              "retries": trace.num_retries} | timing))
+        record_request(metrics(), trace, status, outcome, self.settings.slo)

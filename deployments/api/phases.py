@@ -13,46 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from ..kv import KVTransferParams
+from ..metrics import metrics
 from ..replies import ErrorReply, JsonReply, PrefillReply, ReplicaTag
 from ..routing import POLICIES, CircuitBreaker, ReplicaLoad, RouteRequest
 from ..routing.router import ROUTERS
 from ..settings import RoutingSettings
+from .trace import Trace
 
 logger = logging.getLogger("pdserve.phases")
-
-
-@dataclass
-class Trace:
-    """What happened to one request: returned to the client as headers and logged as one line."""
-
-    request_id: str
-    route: str = "colocated"
-    reason: str = ""
-    prefill_replica: str | None = None
-    decode_replica: str | None = None
-    num_prefill_attempts: int = 0
-    num_decode_attempts: int = 0
-    fallbacks: list[str] = field(default_factory=list)
-
-    def headers(self) -> dict[str, str]:
-        h = {"x-pdserve-request-id": self.request_id, "x-pdserve-route": self.route,
-             "x-pdserve-route-reason": self.reason,
-             "x-pdserve-retries": str(max(0, self.num_prefill_attempts - 1) + max(0, self.num_decode_attempts - 1))}
-        if self.prefill_replica:
-            h["x-pdserve-prefill-replica"] = self.prefill_replica
-        if self.decode_replica:
-            h["x-pdserve-decode-replica"] = self.decode_replica
-        if self.fallbacks:
-            h["x-pdserve-fallback"] = ",".join(self.fallbacks)
-        return h
 
 
 class Overloaded(Exception):
@@ -76,10 +53,30 @@ async def _await(response):
     return await response
 
 
+class _InFlight:
+    """Requests a phase has in flight, published as ``pdserve_inflight_requests{pool}``."""
+
+    def __init__(self, model: str, pool: str):
+        self.tags, self.count = {"model": model, "pool": pool}, 0
+
+    def __enter__(self):
+        self.count += 1
+        self.publish()
+
+    def __exit__(self, *exc):
+        self.count -= 1
+        self.publish()
+
+    def publish(self) -> None:
+        """Also called every few seconds: Ray's exporter drops a gauge series that is not re-set."""
+        metrics().inflight.set(self.count, tags=self.tags)
+
+
 class PrefillPhase:
-    def __init__(self, handle: DeploymentHandle, deployment: str, settings: RoutingSettings):
+    def __init__(self, handle: DeploymentHandle, deployment: str, settings: RoutingSettings, model: str):
         self.handle = handle
         self.deployment = deployment
+        self.inflight = _InFlight(model, "prefill")
         self.settings = settings
         self.breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s)
 
@@ -93,6 +90,10 @@ class PrefillPhase:
     async def run(self, endpoint: str, body: dict, route: RouteRequest, trace: Trace) -> PrefillReply | ErrorReply | None:
         """The KV hand-off, a client error (4xx), or None: prefill failed everywhere or its queue is full,
         so the decode replica prefills locally."""
+        with self.inflight:
+            return await self._run(endpoint, body, route, trace)
+
+    async def _run(self, endpoint: str, body: dict, route: RouteRequest, trace: Trace) -> PrefillReply | ErrorReply | None:
         exclude = set(self.breaker.excluded())
         for _ in range(self.settings.num_prefill_attempts):
             attempt = replace(route, exclude=frozenset(exclude))
@@ -126,16 +127,20 @@ class PrefillPhase:
                     exclude.add(target)
                 continue
             self.breaker.record_success(reply.prefill_replica)
-            trace.prefill_replica = reply.prefill_replica
+            trace.prefill_replica, trace.kv_bytes = reply.prefill_replica, reply.kv_bytes
+            trace.prefill_started_at, trace.prefill_finished_at = reply.started_at, reply.finished_at
+            trace.prefill_received_at = time.time()
             KVTransferParams.model_validate(reply.kv_transfer_params)  # a malformed hand-off fails here
             return reply
         return None
 
 
 class DecodePhase:
-    def __init__(self, handle: DeploymentHandle, deployment: str, settings: RoutingSettings, timeout_s: float):
+    def __init__(self, handle: DeploymentHandle, deployment: str, settings: RoutingSettings, model: str,
+                 timeout_s: float):
         self.handle = handle.options(stream=True)
         self.deployment = deployment
+        self.inflight = _InFlight(model, "decode")
         self.settings = settings
         self.timeout_s = timeout_s
         self.breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s)
@@ -144,6 +149,11 @@ class DecodePhase:
         self, endpoint: str, body: dict, handoff: PrefillReply | None, route: RouteRequest, trace: Trace,
         prefill_breaker: CircuitBreaker | None,
     ) -> AsyncIterator[JsonReply | ErrorReply | str]:
+        with self.inflight:
+            async for item in self._run(endpoint, body, handoff, route, trace, prefill_breaker):
+                yield item
+
+    async def _run(self, endpoint, body, handoff, route, trace, prefill_breaker):
         exclude = set(self.breaker.excluded())
         attempts_left = self.settings.num_decode_attempts
         while attempts_left > 0:
@@ -172,7 +182,7 @@ class DecodePhase:
                     exclude.add(target)
                 continue
             assert isinstance(tag, ReplicaTag), tag
-            trace.decode_replica = tag.replica
+            trace.decode_replica, trace.decode_started_at = tag.replica, tag.started_at
             if isinstance(first, ErrorReply) and first.type == "KVTransferTimeout" and handoff is not None:
                 # The prefill replica holding the KV is frozen or unreachable: prefill on a decode replica.
                 stream.cancel()
@@ -180,6 +190,7 @@ class DecodePhase:
                     prefill_breaker.record_failure(handoff.prefill_replica)
                 trace.fallbacks.append("kv_pull_timeout")
                 trace.route, trace.reason, handoff = "local_prefill", "kv_pull_failed", None
+                trace.clear_prefill()
                 attempts_left += 1  # the decode replica did nothing wrong
                 continue
             self.breaker.record_success(tag.replica)

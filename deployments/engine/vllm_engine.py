@@ -58,6 +58,7 @@ class EngineSpec:
             args += ["--block-size", str(e.block_size)]
         if e.enforce_eager:
             args.append("--enforce-eager")
+        args.append("--enable-per-request-metrics")  # engine TTFT in non-streaming responses (timing breakdown)
         if self.num_gpus > 0:
             args += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
         if self.role in _KV_ROLE:
@@ -116,7 +117,6 @@ class VLLMEngine:
         os.environ.update(self.spec.env)
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
         from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -124,13 +124,37 @@ class VLLMEngine:
 
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.spec.cli_args())
         validate_parsed_serve_args(args)
-        real_client = await self._stack.enter_async_context(build_async_engine_client(args))
+        real_client = await self._start_client(args)
         self._client = _KVPullDeadline(real_client, self.spec.kv_pull_timeout_s)
         state = State()
         await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
         self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
         self._request_models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
         self._max_model_len = self._client.model_config.max_model_len
+
+    async def _start_client(self, args):
+        """vLLM's async engine with two stat loggers: Ray's, which publishes the engine's ``vllm:*`` metrics on
+        the node's scrape target labelled with this replica, and the in-process Prometheus one that ``stats()``
+        reads for routing. (Order matters: the second one clears the in-process registry first.)"""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        client = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[RayPrometheusStatLogger, PrometheusStatLogger],
+            enable_log_requests=engine_args.enable_log_requests, disable_log_stats=engine_args.disable_log_stats,
+        )
+        self._stack.callback(client.shutdown)
+        mc = vllm_config.model_config
+        self.kv_bytes_per_token = (2 * mc.get_num_layers(vllm_config.parallel_config)
+                                   * mc.get_num_kv_heads(vllm_config.parallel_config) * mc.get_head_size()
+                                   * mc.dtype.itemsize)
+        return client
 
     async def shutdown(self) -> None:
         await self._stack.aclose()

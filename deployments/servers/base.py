@@ -11,6 +11,7 @@ import ray
 from ray import serve
 
 from ..engine.nixl_plugin import DELAY_ENV
+from ..metrics import metrics
 from ..engine.vllm_engine import EngineSpec, Role, VLLMEngine
 from ..models import resolve_model
 from ..replies import EngineStats
@@ -65,6 +66,8 @@ class EngineServer:
 
     def record_routing_stats(self) -> dict:
         """Polled by Serve in the background and shipped to the routers (deployments/routing/router.py)."""
+        metrics().engine_info.set(1, tags={"model": self.engine.spec.served_model_name, "ReplicaId": self.replica,
+                                           "role": self.role})
         return self.engine.load() | {"num_outstanding_prompt_tokens": self.num_outstanding_prompt_tokens}
 
     async def check_health(self) -> None:

@@ -6,10 +6,12 @@ prefills the prompt itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 
+from ..metrics import metrics
 from ..replies import ErrorReply, JsonReply, ReplicaTag
 from ..routing import RouteRequest
 from .base import EngineServer
@@ -21,6 +23,8 @@ class DecodeServer(EngineServer):
         self, endpoint: str, body: dict, kv_transfer_params: dict | None = None, route: RouteRequest | None = None
     ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | str]:
         """First a ``ReplicaTag`` (who serves the request), then the engine's reply."""
-        yield ReplicaTag(self.replica)
+        yield ReplicaTag(self.replica, time.time())
         async for item in self.engine.generate(endpoint, body, kv_transfer_params):
+            if isinstance(item, ErrorReply) and item.type == "KVTransferTimeout":
+                metrics().kv_transfer_failures.inc(tags={"model": self.engine.spec.served_model_name})
             yield item

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ray import serve
 
 from ..kv import prefill_request_params
@@ -14,7 +16,7 @@ from .base import EngineServer
 class PrefillServer(EngineServer):
     async def prefill(self, endpoint: str, body: dict, route: RouteRequest | None = None) -> PrefillReply | ErrorReply:
         """Run the request for one token with ``do_remote_decode``; return the engine's KV hand-off."""
-        reply = None
+        reply, started_at = None, time.time()
         num_tokens = route.num_prompt_tokens if route else 0
         self.num_outstanding_prompt_tokens += num_tokens
         try:
@@ -26,8 +28,9 @@ class PrefillServer(EngineServer):
             return reply
         if not isinstance(reply, JsonReply) or not reply.body.get("kv_transfer_params"):
             return ErrorReply(502, "prefill engine returned no kv_transfer_params", "KVTransferError")
+        num_prompt_tokens = int((reply.body.get("usage") or {}).get("prompt_tokens") or 0)
         return PrefillReply(
-            kv_transfer_params=reply.body["kv_transfer_params"],
-            num_prompt_tokens=int((reply.body.get("usage") or {}).get("prompt_tokens") or 0),
-            prefill_replica=self.replica,
+            kv_transfer_params=reply.body["kv_transfer_params"], num_prompt_tokens=num_prompt_tokens,
+            prefill_replica=self.replica, started_at=started_at, finished_at=time.time(),
+            kv_bytes=num_prompt_tokens * self.engine.kv_bytes_per_token,
         )

@@ -83,7 +83,9 @@ app.kubernetes.io/part-of: pdserve
     "nixl_progress_delay_us" (int $v.kvConnector.nixlProgressDelayUs))
   "prefill" (include "pdserve.poolSettings" (dict "pool" $v.prefill) | fromJson)
   "decode" (include "pdserve.poolSettings" (dict "pool" $v.decode) | fromJson)
-  "routing" (dict "prefill_policy" $v.routing.prefillPolicy "decode_policy" $v.routing.decodePolicy)
+  "routing" (dict "prefill_policy" $v.routing.prefillPolicy "decode_policy" $v.routing.decodePolicy
+    "min_remote_prefill_tokens" (int $v.routing.minRemotePrefillTokens))
+  "slo" (dict "ttft_s" $v.slo.ttftS "itl_s" $v.slo.itlS)
   "http" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
   "request_timeout_s" $v.serve.requestTimeoutS) }}
 {{- end }}

@@ -1,0 +1,89 @@
+"""One request's record: the route it took, the replicas that served it, failures survived, and its timeline.
+
+The timeline is wall-clock (``time.time()``) stamps taken at the ingress and on the replicas; its four phases
+partition the request exactly, so queue + prefill + transfer + decode equals the ingress's end-to-end time:
+
+    arrived ─queue─▶ prefill started ─prefill─▶ finished ─transfer─▶ received ─queue─▶ decode started
+            ─transfer (KV pull + first step)─▶ first token ─decode─▶ finished
+
+With local prefill (short prompt, colocated mode, or a failed hand-off) the decode replica's time to its first
+token is prefill and there is no transfer. Time spent on failed attempts counts as queue.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Trace:
+    request_id: str
+    model: str
+    route: str = "colocated"
+    reason: str = ""
+    prefill_replica: str | None = None
+    decode_replica: str | None = None
+    num_prefill_attempts: int = 0
+    num_decode_attempts: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+    arrived_at: float = field(default_factory=time.time)
+    prefill_started_at: float | None = None
+    prefill_finished_at: float | None = None
+    prefill_received_at: float | None = None
+    decode_started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    kv_bytes: int = 0
+    token_gaps_s: list[float] = field(default_factory=list)
+    engine_mean_itl_s: float | None = None  # non-streaming: the decode engine's own mean inter-token latency
+
+    def clear_prefill(self) -> None:
+        """The hand-off was abandoned: the request is prefilled locally after all."""
+        self.prefill_started_at = self.prefill_finished_at = self.prefill_received_at = None
+        self.prefill_replica, self.kv_bytes = None, 0
+
+    @property
+    def num_retries(self) -> int:
+        return max(0, self.num_prefill_attempts - 1) + max(0, self.num_decode_attempts - 1)
+
+    def headers(self) -> dict[str, str]:
+        h = {"x-pdserve-request-id": self.request_id, "x-pdserve-route": self.route,
+             "x-pdserve-route-reason": self.reason, "x-pdserve-retries": str(self.num_retries)}
+        if self.prefill_replica:
+            h["x-pdserve-prefill-replica"] = self.prefill_replica
+        if self.decode_replica:
+            h["x-pdserve-decode-replica"] = self.decode_replica
+        if self.fallbacks:
+            h["x-pdserve-fallback"] = ",".join(self.fallbacks)
+        return h
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per phase; empty until the request finished."""
+        if self.finished_at is None or self.decode_started_at is None:
+            return {}
+        first = self.first_token_at or self.finished_at
+        out = {"e2e_s": self.finished_at - self.arrived_at, "ttft_s": first - self.arrived_at,
+               "decode_s": self.finished_at - first}
+        if self.prefill_started_at is not None:
+            out["queue_s"] = (self.prefill_started_at - self.arrived_at) + (self.decode_started_at - self.prefill_received_at)
+            out["prefill_s"] = self.prefill_finished_at - self.prefill_started_at
+            out["transfer_s"] = (self.prefill_received_at - self.prefill_finished_at) + (first - self.decode_started_at)
+        else:
+            out["queue_s"] = self.decode_started_at - self.arrived_at
+            out["prefill_s"] = first - self.decode_started_at
+            out["transfer_s"] = 0.0
+        if self.token_gaps_s:
+            out["mean_itl_s"] = sum(self.token_gaps_s) / len(self.token_gaps_s)
+        elif self.engine_mean_itl_s is not None:
+            out["mean_itl_s"] = self.engine_mean_itl_s
+        return {k: round(max(v, 0.0), 6) for k, v in out.items()}
+
+    def timing(self) -> dict:
+        """The breakdown plus who served the request: what clients get and what the log line says."""
+        return self.breakdown() | {"route": self.route, "prefill_replica": self.prefill_replica,
+                                   "decode_replica": self.decode_replica, "kv_bytes": self.kv_bytes}
+
+    def timing_header(self) -> str:
+        return json.dumps(self.timing(), separators=(",", ":"))

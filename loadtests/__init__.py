@@ -1,0 +1,1 @@
+"""Load tests of pdserve's OpenAI-compatible API with locust: workloads, streaming client, report, runner."""
