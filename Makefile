@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run down status test test-unit clean prometheus
+.PHONY: install run down status test test-unit clean prometheus bench
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ test: install prometheus
 
 test-unit: install
 	$(BIN)/python -m pytest -v -m "not cluster" tests
+
+# Goodput sweep of pdserve disaggregated vs colocated (equal cores), each started fresh: loadtests/bench.py.
+bench: install
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

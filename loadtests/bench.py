@@ -1,0 +1,173 @@
+"""Goodput benchmark, as DistServe defines it: the highest Poisson request rate at which at least 90% of
+requests meet both the TTFT and the TPOT target, found per setup by a sweep of rates (doubling while the
+setup keeps up, then bisecting), each setup started fresh on the same machine in the same run.
+
+    pdserve bench --profile mixed --duration-s 60 --out bench-results      (or: make bench)
+
+Prints and writes (``<out>/bench.md``, ``bench.json``, ``attainment.png``) a table of goodput, p50/p99 TTFT,
+p99 ITL and throughput per setup, and their ratios to pdserve disaggregated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .runner import run_locust
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_ATTAINMENT = 0.9
+# name -> (Serve config, edits to its app's args): equal total cores (2 here) for every setup.
+SETUPS = {
+    "pdserve-pd": ("cluster/local-disaggregated.yaml", {}),
+    "pdserve-colocated": ("cluster/local-colocated.yaml", {"colocated": {"num_replicas": 1, "num_cpus": 2,
+                                                                          "cpu_bind": ["0-1"]}}),
+}
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def _pdserve(*args: str, timeout_s: float = 1200) -> None:
+    subprocess.run([str(Path(sys.executable).with_name("pdserve")), *args], check=True, timeout=timeout_s,
+                   env=os.environ | {"HF_HUB_OFFLINE": "1"})
+
+
+def _config(setup: str, out: Path) -> Path:
+    path, edits = SETUPS[setup]
+    doc = yaml.safe_load((ROOT / path).read_text())
+    args = doc["applications"][0]["args"]
+    for key, value in edits.items():
+        args[key] = args.get(key, {}) | value
+    target = out / f"{setup}.yaml"
+    target.write_text(yaml.safe_dump(doc))
+    return target
+
+
+def sweep(base_url: str, out: Path, profile: str, duration_s: float, start_rps: float, num_bisect: int,
+          **options) -> list[dict]:
+    """Runs at increasing rates until attainment drops below the target, then bisects; returns every run."""
+    runs: list[dict] = []
+
+    def run(rate: float) -> float:
+        summary = run_locust(base_url, profile, rate, duration_s, out / f"rate-{rate:.3f}", **options)
+        runs.append({"rate_rps": rate} | {k: summary[k] for k in (
+            "slo_attainment", "goodput_rps", "requests_per_s", "output_tokens_per_s", "num_requests", "num_failed",
+            "latency_s", "routes")})
+        lat = summary["latency_s"]
+        _say(f"{out.name} @ {rate:.3f} req/s: attainment {summary['slo_attainment']:.0%}, TTFT p50 "
+             f"{lat['ttft']['p50']}, ITL p99 {lat['itl']['p99']}")
+        return summary["slo_attainment"]
+
+    good, bad, rate = 0.0, None, start_rps
+    while bad is None and rate <= 64:
+        if run(rate) >= TARGET_ATTAINMENT:
+            good, rate = rate, rate * 2
+        else:
+            bad = rate
+    for _ in range(num_bisect if bad is not None else 0):
+        mid = (good + bad) / 2
+        if run(mid) >= TARGET_ATTAINMENT:
+            good = mid
+        else:
+            bad = mid
+    return sorted(runs, key=lambda r: r["rate_rps"])
+
+
+def goodput(runs: list[dict]) -> float:
+    """The highest swept rate that met the attainment target, below the lowest one that did not."""
+    misses = [r["rate_rps"] for r in runs if r["slo_attainment"] < TARGET_ATTAINMENT]
+    ceiling = min(misses) if misses else float("inf")
+    meets = [r["rate_rps"] for r in runs if r["slo_attainment"] >= TARGET_ATTAINMENT and r["rate_rps"] < ceiling]
+    return max(meets, default=0.0)
+
+
+def at_rate(runs: list[dict], rate: float) -> dict | None:
+    return min(runs, key=lambda r: abs(r["rate_rps"] - rate)) if runs else None
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    base = "pdserve-pd"
+    ref_rate = goodput(results.get("pdserve-colocated", [])) or min(r["rate_rps"] for rs in results.values() for r in rs)
+    rows = ["| setup | goodput (req/s) | TTFT p50 (s) | TTFT p99 (s) | ITL p99 (s) | throughput (tok/s) | "
+            f"goodput vs {base} |", "|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        r = at_rate(runs, ref_rate)
+        lat = r["latency_s"]
+        ratio = goodput(runs) / goodput(results[base]) if goodput(results.get(base, [])) else float("nan")
+        rows.append(f"| {name} | {goodput(runs):.3f} | {lat['ttft']['p50']} | {lat['ttft']['p99']} | "
+                    f"{lat['itl']['p99']} | {r['output_tokens_per_s']:.1f} | {ratio:.2f} |")
+    return (f"Latency columns at {ref_rate:.3f} req/s (the colocated setup's goodput rate, or the lowest rate "
+            "swept).\n\n" + "\n".join(rows))
+
+
+def plot(results: dict[str, list[dict]], path: Path, profile: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in results.items():
+        ax.plot([r["rate_rps"] for r in runs], [100 * r["slo_attainment"] for r in runs], marker="o", label=name)
+    ax.axhline(100 * TARGET_ATTAINMENT, color="grey", linestyle="--", label="90% target")
+    ax.set_xlabel("request rate (req/s, Poisson)")
+    ax.set_ylabel("SLO attainment (% of requests)")
+    ax.set_title(f"SLO attainment vs request rate, profile '{profile}'")
+    ax.set_ylim(0, 105)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, of: " + ", ".join(SETUPS))
+    p.add_argument("--profile", default="mixed", help="workload profile (loadtests/workloads.py)")
+    p.add_argument("--duration-s", type=float, default=60, help="seconds per rate")
+    p.add_argument("--start-rps", type=float, default=0.1, help="first rate of the sweep")
+    p.add_argument("--num-bisect", type=int, default=2, help="bisection steps after the first miss")
+    p.add_argument("--slo-ttft-s", type=float, default=5.0)
+    p.add_argument("--slo-tpot-s", type=float, default=0.1)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", default="bench-results", help="results folder")
+    args = p.parse_args(argv)
+    unknown = set(args.setups.split(",")) - set(SETUPS)
+    if unknown:
+        p.error(f"unknown setup(s): {', '.join(sorted(unknown))}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    for setup in args.setups.split(","):
+        _say(f"starting {setup} fresh")
+        _pdserve("down")
+        t0 = time.monotonic()
+        _pdserve("up", "--config", str(_config(setup, out)))
+        _say(f"{setup} ready in {time.monotonic() - t0:.0f} s")
+        try:
+            results[setup] = sweep("http://127.0.0.1:8000", out / setup, args.profile, args.duration_s,
+                                   args.start_rps, args.num_bisect, slo_ttft_s=args.slo_ttft_s,
+                                   slo_tpot_s=args.slo_tpot_s, max_tokens=args.max_tokens, seed=7,
+                                   drain_timeout_s=120, no_plots=True)
+        finally:
+            _pdserve("down")
+    md = table(results)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    (out / "bench.md").write_text(md + "\n")
+    plot(results, out / "attainment.png", args.profile)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
