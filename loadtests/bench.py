@@ -102,8 +102,8 @@ def table(results: dict[str, list[dict]]) -> str:
         r = at_rate(runs, ref_rate)
         lat = r["latency_s"]
         ratio = goodput(runs) / goodput(results[base]) if goodput(results.get(base, [])) else float("nan")
-        rows.append(f"| {name} | {goodput(runs):.3f} | {lat['ttft']['p50']} | {lat['ttft']['p99']} | "
-                    f"{lat['itl']['p99']} | {r['output_tokens_per_s']:.1f} | {ratio:.2f} |")
+        rows.append(f"| {name} | {goodput(runs):.3f} | {lat['ttft']['p50']:.3f} | {lat['ttft']['p99']:.3f} | "
+                    f"{lat['itl']['p99']:.3f} | {r['output_tokens_per_s']:.1f} | {ratio:.2f} |")
     return (f"Latency columns at {ref_rate:.3f} req/s (the colocated setup's goodput rate, or the lowest rate "
             "swept).\n\n" + "\n".join(rows))
 
