@@ -77,19 +77,21 @@ def test_client_disconnect_mid_stream_frees_both_engines(cluster):
     body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, LONG), "max_tokens": 1500,
             "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as client, client.stream("POST", cluster.pd + "/completions", json=body) as resp:
-        assert resp.status_code == 200
-        decode_replica = resp.headers["x-pdserve-decode-replica"]
+        assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated"
+        engines = [("DecodeServer", resp.headers["x-pdserve-decode-replica"]),
+                   ("PrefillServer", resp.headers["x-pdserve-prefill-replica"])]
         for i, _ in enumerate(resp.iter_lines()):
             if i > 10:
                 break  # leave with tokens still coming
-    deadline = time.monotonic() + 10
-    while True:
-        stats = cluster.stats("DecodeServer", replica=decode_replica)
-        if stats.get("vllm:num_requests_running") == 0 and stats.get("vllm:num_requests_waiting") == 0:
-            break
-        assert time.monotonic() < deadline, "decode engine still runs the abandoned request"
-        time.sleep(0.5)
-    assert stats.get("vllm:kv_cache_usage_perc") < 0.05
+    for deployment, replica in engines:
+        deadline = time.monotonic() + 10
+        while True:
+            stats = cluster.stats(deployment, replica=replica)
+            if (stats.get("vllm:num_requests_running") == 0 and stats.get("vllm:num_requests_waiting") == 0
+                    and stats.get("vllm:kv_cache_usage_perc") < 0.05):
+                break
+            assert time.monotonic() < deadline, f"{deployment} still holds the abandoned request: {stats.values}"
+            time.sleep(0.5)
 
 
 def _burst(cluster, prompts, during=None) -> tuple[list[httpx.Response], list[float]]:
