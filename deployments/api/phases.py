@@ -49,6 +49,13 @@ def pick(policy: str, route: RouteRequest, view: dict[str, ReplicaLoad] | None) 
     return ranked[0] if ranked else None
 
 
+def _replica_failed(breaker: CircuitBreaker, exclude: set[str], target: str | None) -> None:
+    """Count a failure against the replica this attempt targeted and keep the request's retries off it."""
+    if target:
+        breaker.record_failure(target)
+        exclude.add(target)
+
+
 async def _await(response):
     return await response
 
@@ -114,17 +121,13 @@ class PrefillPhase:
                 failure = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
                 logger.warning("%s: prefill on %s failed (%s)", trace.request_id, target, failure)
                 trace.fallbacks.append(f"prefill_{failure}")
-                if target:
-                    self.breaker.record_failure(target)
-                    exclude.add(target)
+                _replica_failed(self.breaker, exclude, target)
                 continue
             if isinstance(reply, ErrorReply):
                 if reply.status < 500:
                     return reply  # the client's request is invalid: no retry
                 trace.fallbacks.append("prefill_error")
-                if target:
-                    self.breaker.record_failure(target)
-                    exclude.add(target)
+                _replica_failed(self.breaker, exclude, target)
                 continue
             self.breaker.record_success(reply.prefill_replica)
             trace.prefill_replica, trace.kv_bytes = reply.prefill_replica, reply.kv_bytes
@@ -177,9 +180,7 @@ class DecodePhase:
                 failure = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
                 logger.warning("%s: decode on %s failed before its first reply (%s)", trace.request_id, target, failure)
                 trace.fallbacks.append(f"decode_{failure}")
-                if target:
-                    self.breaker.record_failure(target)
-                    exclude.add(target)
+                _replica_failed(self.breaker, exclude, target)
                 continue
             assert isinstance(tag, ReplicaTag), tag
             trace.decode_replica, trace.decode_started_at = tag.replica, tag.started_at

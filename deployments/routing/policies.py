@@ -71,8 +71,7 @@ def prompt_text(body: dict) -> str:
 
 
 def _eligible(candidates: Sequence[str], request: RouteRequest) -> list[str]:
-    eligible = [c for c in candidates if c not in request.exclude]
-    return eligible or []
+    return [c for c in candidates if c not in request.exclude]
 
 
 def round_robin(request: RouteRequest, candidates: Sequence[str], stats: dict[str, ReplicaLoad]) -> list[str]:
