@@ -54,7 +54,8 @@ def _connect(start_if_missing: bool, num_cpus: int) -> bool:
     return True
 
 
-def _wait_http(url: str, timeout_s: float) -> None:
+def wait_http(url: str, timeout_s: float) -> None:
+    """Polls ``url`` until it answers 200; TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -128,7 +129,7 @@ def cmd_up(args) -> int:
               file=sys.stderr)
         return 1
     for app, _ in apps:
-        _wait_http(f"http://{http.host}:{http.port}{app.route_prefix.rstrip('/')}/health", args.timeout)
+        wait_http(f"http://{http.host}:{http.port}{app.route_prefix.rstrip('/')}/health", args.timeout)
     base = f"http://{http.host}:{http.port}"
     _say(f"ready in {time.monotonic() - t0:.0f} s")
     for app, settings in apps:

@@ -1,11 +1,13 @@
 """Goodput benchmark, as DistServe defines it: the highest Poisson request rate at which at least 90% of
 requests meet both the TTFT and the TPOT target, found per setup by a sweep of rates (doubling while the
-setup keeps up, then bisecting), each setup started fresh on the same machine in the same run.
+setup keeps up, then bisecting), each setup started fresh on the same machine in the same run: pdserve
+colocated, pdserve disaggregated, and Ray Serve LLM's ``build_pd_openai_app`` as shipped and with pdserve's
+NIXL idle-spin fix (loadtests/peer.py).
 
-    pdserve bench --profile mixed --duration-s 60 --out bench-results      (or: make bench)
+    python -m loadtests.bench --profile mixed --duration-s 60 --out bench-results      (or: make bench)
 
-Prints and writes (``<out>/bench.md``, ``bench.json``, ``attainment.png``) a table of goodput, p50/p99 TTFT,
-p99 ITL and throughput per setup, and their ratios to pdserve disaggregated.
+Prints and writes (``<out>/bench.md``, ``bench.json``, ``attainment.png``) a table of goodput, SLO attainment,
+p50/p99 TTFT, p99 ITL and throughput per setup, and pdserve disaggregated's ratios to each other setup.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ from .runner import run_locust
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_ATTAINMENT = 0.9
-# name -> (Serve config, edits to its app's args): equal total cores (2 here) for every setup.
-SETUPS = {
-    "pdserve-pd": ("cluster/local-disaggregated.yaml", {}),
-    "pdserve-colocated": ("cluster/local-colocated.yaml", {"colocated": {"num_replicas": 1, "num_cpus": 2,
-                                                                          "cpu_bind": ["0-1"]}}),
+# name -> how to start it: a pdserve Serve config and edits to its app's args, or the Ray Serve LLM peer's
+# variant (loadtests/peer.py). Equal total cores (2 here) for every setup.
+SETUPS: dict[str, tuple[str, str, dict]] = {
+    "pdserve-colocated": ("pdserve", "cluster/local-colocated.yaml", {
+        "colocated": {"num_replicas": 1, "num_cpus": 2, "cpu_bind": ["0-1"]}}),
+    "pdserve-pd": ("pdserve", "cluster/local-disaggregated.yaml", {}),
+    "rayllm-pd": ("peer", "shipped", {}),
+    "rayllm-pd-nixl-fix": ("peer", "nixl-fix", {}),
 }
+BASE, COLOCATED = "pdserve-pd", "pdserve-colocated"
+PEERS = ("rayllm-pd", "rayllm-pd-nixl-fix")
 
 
 def _say(msg: str) -> None:
@@ -41,7 +48,8 @@ def _pdserve(*args: str, timeout_s: float = 1200) -> None:
 
 
 def _config(setup: str, out: Path) -> Path:
-    path, edits = SETUPS[setup]
+    kind, path, edits = SETUPS[setup]
+    assert kind == "pdserve", f"{setup} is not started from a pdserve config"
     doc = yaml.safe_load((ROOT / path).read_text())
     args = doc["applications"][0]["args"]
     for key, value in edits.items():
@@ -51,9 +59,26 @@ def _config(setup: str, out: Path) -> Path:
     return target
 
 
+def _start(setup: str, out: Path) -> None:
+    kind, target, _ = SETUPS[setup]
+    if kind == "pdserve":
+        _pdserve("up", "--config", str(_config(setup, out)))
+    else:
+        subprocess.run([sys.executable, "-m", "loadtests.peer", "up", "--variant", target], check=True,
+                       timeout=1200, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+
+
+def _stop(setup: str) -> None:
+    if SETUPS[setup][0] == "pdserve":
+        _pdserve("down")
+    else:
+        subprocess.run([sys.executable, "-m", "loadtests.peer", "down"], check=False, cwd=ROOT)
+
+
 def sweep(base_url: str, out: Path, profile: str, duration_s: float, start_rps: float, num_bisect: int,
-          **options) -> list[dict]:
-    """Runs at increasing rates until attainment drops below the target, then bisects; returns every run."""
+          extra_rates: tuple[float, ...] = (), **options) -> list[dict]:
+    """Runs at increasing rates until attainment drops below the target, then bisects; then runs any of
+    ``extra_rates`` (e.g. another setup's goodput rate, to compare latencies at one rate) not yet run."""
     runs: list[dict] = []
 
     def run(rate: float) -> float:
@@ -62,8 +87,8 @@ def sweep(base_url: str, out: Path, profile: str, duration_s: float, start_rps: 
             "slo_attainment", "goodput_rps", "requests_per_s", "output_tokens_per_s", "num_requests", "num_failed",
             "latency_s", "routes")})
         lat = summary["latency_s"]
-        _say(f"{out.name} @ {rate:.3f} req/s: attainment {summary['slo_attainment']:.0%}, TTFT p50 "
-             f"{lat['ttft']['p50']}, ITL p99 {lat['itl']['p99']}")
+        _say(f"{out.name} @ {rate:.3f} req/s: attainment {summary['slo_attainment']:.0%} of "
+             f"{summary['num_requests']}, TTFT p50 {lat['ttft']['p50']}, ITL p99 {lat['itl']['p99']}")
         return summary["slo_attainment"]
 
     good, bad, rate = 0.0, None, start_rps
@@ -78,6 +103,9 @@ def sweep(base_url: str, out: Path, profile: str, duration_s: float, start_rps: 
             good = mid
         else:
             bad = mid
+    for rate in extra_rates:
+        if rate > 0 and at_rate(runs, rate) is None:
+            run(rate)
     return sorted(runs, key=lambda r: r["rate_rps"])
 
 
@@ -90,22 +118,54 @@ def goodput(runs: list[dict]) -> float:
 
 
 def at_rate(runs: list[dict], rate: float) -> dict | None:
-    return min(runs, key=lambda r: abs(r["rate_rps"] - rate)) if runs else None
+    """The run at ``rate`` (within 1%), if any."""
+    return next((r for r in runs if abs(r["rate_rps"] - rate) <= 0.01 * rate), None)
+
+
+def _ref_rate(results: dict[str, list[dict]]) -> float:
+    """Latencies are compared at the colocated setup's goodput rate (else the lowest rate every setup ran)."""
+    rate = goodput(results.get(COLOCATED, []))
+    if rate and all(at_rate(runs, rate) for runs in results.values()):
+        return rate
+    common = [r["rate_rps"] for r in next(iter(results.values()))
+              if all(at_rate(runs, r["rate_rps"]) for runs in results.values())]
+    return min(common, default=rate)
+
+
+def _ratio(a: float, b: float) -> str:
+    if b == 0:
+        return "n/a (0 in both)" if a == 0 else "∞ (denominator 0)"
+    return f"{a / b:.2f}"
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    base = "pdserve-pd"
-    ref_rate = goodput(results.get("pdserve-colocated", [])) or min(r["rate_rps"] for rs in results.values() for r in rs)
-    rows = ["| setup | goodput (req/s) | TTFT p50 (s) | TTFT p99 (s) | ITL p99 (s) | throughput (tok/s) | "
-            f"goodput vs {base} |", "|---|---|---|---|---|---|---|"]
+    """Per setup: goodput and latencies at the reference rate; then pdserve PD's ratios to every other setup."""
+    ref = _ref_rate(results)
+    rows = [f"Latency and throughput columns at {ref:.3f} req/s (the colocated setup's goodput rate, where every "
+            "setup ran it).", "",
+            "| setup | goodput (req/s) | SLO attainment | TTFT p50 (s) | TTFT p99 (s) | ITL p99 (s) | "
+            "throughput (tok/s) |", "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        r = at_rate(runs, ref_rate)
+        r = at_rate(runs, ref)
+        if r is None:
+            rows.append(f"| {name} | {goodput(runs):.3f} | not run at {ref:.3f} req/s | | | | |")
+            continue
         lat = r["latency_s"]
-        ratio = goodput(runs) / goodput(results[base]) if goodput(results.get(base, [])) else float("nan")
-        rows.append(f"| {name} | {goodput(runs):.3f} | {lat['ttft']['p50']:.3f} | {lat['ttft']['p99']:.3f} | "
-                    f"{lat['itl']['p99']:.3f} | {r['output_tokens_per_s']:.1f} | {ratio:.2f} |")
-    return (f"Latency columns at {ref_rate:.3f} req/s (the colocated setup's goodput rate, or the lowest rate "
-            "swept).\n\n" + "\n".join(rows))
+        rows.append(f"| {name} | {goodput(runs):.3f} | {r['slo_attainment']:.0%} | {lat['ttft']['p50']:.3f} | "
+                    f"{lat['ttft']['p99']:.3f} | {lat['itl']['p99']:.3f} | {r['output_tokens_per_s']:.1f} |")
+    if BASE in results and len(results) > 1:
+        rows += ["", f"| ratio | goodput | ITL p99 | TTFT p50 | TTFT p99 | throughput |", "|---|---|---|---|---|---|"]
+        mine = at_rate(results[BASE], ref)
+        for name, runs in results.items():
+            other = at_rate(runs, ref)
+            if name == BASE or mine is None or other is None:
+                continue
+            cells = [_ratio(goodput(results[BASE]), goodput(runs))]
+            cells += [_ratio(mine["latency_s"][k][q], other["latency_s"][k][q])
+                      for k, q in (("itl", "p99"), ("ttft", "p50"), ("ttft", "p99"))]
+            cells.append(_ratio(mine["output_tokens_per_s"], other["output_tokens_per_s"]))
+            rows.append(f"| {BASE} / {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def plot(results: dict[str, list[dict]], path: Path, profile: str) -> None:
@@ -131,38 +191,41 @@ def plot(results: dict[str, list[dict]], path: Path, profile: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, of: " + ", ".join(SETUPS))
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, run in this order, of: "
+                   + ", ".join(SETUPS) + f" (run {COLOCATED} first: its goodput rate is run by every later setup)")
     p.add_argument("--profile", default="mixed", help="workload profile (loadtests/workloads.py)")
     p.add_argument("--duration-s", type=float, default=60, help="seconds per rate")
-    p.add_argument("--start-rps", type=float, default=0.1, help="first rate of the sweep")
+    p.add_argument("--start-rps", type=float, default=0.15, help="first rate of the sweep")
     p.add_argument("--num-bisect", type=int, default=2, help="bisection steps after the first miss")
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
     p.add_argument("--slo-tpot-s", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", default="bench-results", help="results folder")
     args = p.parse_args(argv)
-    unknown = set(args.setups.split(",")) - set(SETUPS)
+    setups = args.setups.split(",")
+    unknown = set(setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setup(s): {', '.join(sorted(unknown))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
-    for setup in args.setups.split(","):
+    for setup in setups:
         _say(f"starting {setup} fresh")
-        _pdserve("down")
+        _stop(setup)
         t0 = time.monotonic()
-        _pdserve("up", "--config", str(_config(setup, out)))
+        _start(setup, out)
         _say(f"{setup} ready in {time.monotonic() - t0:.0f} s")
         try:
             results[setup] = sweep("http://127.0.0.1:8000", out / setup, args.profile, args.duration_s,
-                                   args.start_rps, args.num_bisect, slo_ttft_s=args.slo_ttft_s,
-                                   slo_tpot_s=args.slo_tpot_s, max_tokens=args.max_tokens, seed=7,
-                                   drain_timeout_s=120, no_plots=True)
+                                   args.start_rps, args.num_bisect,
+                                   extra_rates=(goodput(results[COLOCATED]),) if COLOCATED in results else (),
+                                   slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s,
+                                   max_tokens=args.max_tokens, seed=7, drain_timeout_s=120, no_plots=True)
         finally:
-            _pdserve("down")
+            _stop(setup)
+        (out / "bench.json").write_text(json.dumps(results, indent=1))  # partial results survive a later failure
     md = table(results)
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
     (out / "bench.md").write_text(md + "\n")
     plot(results, out / "attainment.png", args.profile)
     print(md)

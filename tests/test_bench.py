@@ -1,10 +1,13 @@
-"""The goodput sweep's bookkeeping on synthetic runs (no cluster)."""
+"""The goodput sweep's bookkeeping on synthetic runs, and every setup's config (no cluster)."""
 
-from loadtests.bench import SETUPS, _config, goodput, table
+import pytest
+
+from loadtests.bench import COLOCATED, PEERS, SETUPS, _config, goodput, table
 
 
-def _run(rate, attainment):
+def _run(rate, attainment, ttft_p50=0.1, itl_p99=0.2):
     lat = {k: {"p50": 0.1, "p99": 0.2} for k in ("ttft", "itl", "tpot", "e2e")}
+    lat["ttft"]["p50"], lat["itl"]["p99"] = ttft_p50, itl_p99
     return {"rate_rps": rate, "slo_attainment": attainment, "goodput_rps": rate * attainment,
             "requests_per_s": rate, "output_tokens_per_s": 10 * rate, "num_requests": 10, "num_failed": 0,
             "latency_s": lat, "routes": {}}
@@ -16,16 +19,47 @@ def test_goodput_is_the_highest_rate_meeting_the_target_below_the_first_miss():
     assert goodput([_run(0.1, 0.5)]) == 0.0
 
 
-def test_table_has_ratios_against_disaggregated():
-    md = table({"pdserve-pd": [_run(0.1, 1.0), _run(0.2, 0.95), _run(0.4, 0.3)],
-                "pdserve-colocated": [_run(0.1, 1.0), _run(0.2, 0.5)]})
-    assert "| pdserve-pd | 0.200 |" in md and md.rstrip().endswith("| 0.50 |")
+def test_table_compares_at_the_colocated_goodput_rate_with_ratios_to_disaggregated():
+    md = table({"pdserve-colocated": [_run(0.1, 1.0), _run(0.2, 0.95, itl_p99=0.5), _run(0.4, 0.3)],
+                "pdserve-pd": [_run(0.1, 1.0), _run(0.2, 0.95, itl_p99=0.1), _run(0.4, 0.92), _run(0.8, 0.2)],
+                "rayllm-pd": [_run(0.1, 0.05), _run(0.2, 0.0, ttft_p50=2.0)]})
+    assert md.startswith("Latency and throughput columns at 0.200 req/s")
+    assert "| pdserve-pd | 0.400 | 95% | 0.100 | 0.200 | 0.100 | 2.0 |" in md
+    assert "| pdserve-pd / pdserve-colocated | 2.00 | 0.20 | 1.00 | 1.00 | 1.00 |" in md
+    assert "| pdserve-pd / rayllm-pd | ∞ (denominator 0) | 0.50 | 0.05 | 1.00 | 1.00 |" in md
 
 
-def test_setup_configs_load_into_settings(tmp_path):
+def test_table_says_when_a_setup_did_not_run_the_reference_rate():
+    md = table({"pdserve-colocated": [_run(0.2, 1.0), _run(0.4, 0.5)], "pdserve-pd": [_run(0.3, 1.0)]})
+    assert md.startswith("Latency and throughput columns at 0.200 req/s")
+    assert "| pdserve-pd | 0.300 | not run at 0.200 req/s |" in md
+
+
+def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
     from deployments.settings import load_serve_config
 
-    for setup in SETUPS:
+    for setup, (kind, _, _) in SETUPS.items():
+        if kind != "pdserve":
+            continue
         [(_, settings)] = load_serve_config(_config(setup, tmp_path))
         pools = [p for p in (settings.prefill, settings.decode, settings.colocated) if p]
         assert sum(p.num_cpus * p.num_replicas for p in pools) == 2  # equal cores for every setup
+    assert list(SETUPS)[0] == COLOCATED  # its goodput rate is the one later setups also run
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_peer_config_is_accepted_by_ray_serve_llm_and_uses_the_same_cores(peer):
+    from ray.llm._internal.serve.serving_patterns.prefill_decode.builder import PDServingArgs
+
+    from loadtests.peer import pd_serving_args
+
+    variant = SETUPS[peer][1]
+    args = PDServingArgs.model_validate(pd_serving_args("/models/smol", variant))
+    binds = [c.runtime_env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] for c in (args.prefill_config, args.decode_config)]
+    assert binds == ["0", "1"]
+    for c in (args.prefill_config, args.decode_config):
+        assert c.engine_kwargs["kv_transfer_config"]["kv_connector"] == "NixlConnector"
+        # "shipped" switches pdserve's NIXL plugin off (an allowlist naming no plugin); "nixl-fix" leaves it on
+        assert ("VLLM_PLUGINS" in c.runtime_env["env_vars"]) == (variant == "shipped")
+    with pytest.raises(ValueError, match="unknown variant"):
+        pd_serving_args("/m", "tuned")

@@ -22,7 +22,7 @@ from ..metrics import metrics, record_request
 from .phases import DecodePhase, Overloaded, PrefillPhase
 from .trace import Trace
 
-logger = logging.getLogger("pdserve.ingress")
+logger = logging.getLogger("ray.serve.pdserve.ingress")  # under Serve's logger: lands in the replica log
 api = FastAPI(title="pdserve", description="Disaggregated prefill/decode LLM serving, OpenAI-compatible API")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 

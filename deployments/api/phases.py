@@ -29,7 +29,7 @@ from ..routing.router import ROUTERS
 from ..settings import RoutingSettings
 from .trace import Trace
 
-logger = logging.getLogger("pdserve.phases")
+logger = logging.getLogger("ray.serve.pdserve.phases")  # under Serve's logger: lands in the replica log
 
 
 class Overloaded(Exception):

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ..replies import EngineStats, ErrorReply, JsonReply
 from ..settings import EngineSettings, KVConnectorSettings
 
-logger = logging.getLogger("pdserve.engine")
+logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
 
 Role = Literal["prefill", "decode", "colocated"]
 Endpoint = Literal["chat", "completions"]

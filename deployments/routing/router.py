@@ -29,6 +29,10 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Every call ranks all candidates, so when none has room Serve must back off before asking again;
+            # without this flag its routing loop calls us in a tight loop and spins the ingress's CPU.
+            pending_request.routing_context.should_backoff = True
         route = (pending_request.kwargs.get("route") if pending_request else None) or RouteRequest()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if route.target in by_id:

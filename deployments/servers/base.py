@@ -17,7 +17,7 @@ from ..models import resolve_model
 from ..replies import EngineStats
 from ..settings import PDServeSettings, PoolSettings
 
-logger = logging.getLogger("pdserve.server")
+logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: lands in the replica log
 
 
 def _free_port(host: str) -> int:
