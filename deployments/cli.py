@@ -27,7 +27,8 @@ def _say(msg: str) -> None:
     print(f"[pdserve] {msg}", flush=True)
 
 
-def _ray_cli() -> str:
+def ray_cli() -> str:
+    """The `ray` CLI of this environment."""
     return str(Path(sys.executable).with_name("ray"))
 
 
@@ -46,7 +47,7 @@ def _connect(start_if_missing: bool, num_cpus: int) -> bool:
         pass
     _say(f"starting a local Ray head ({num_cpus} logical CPUs, metrics on :{METRICS_PORT})")
     subprocess.run(
-        [_ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
+        [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
          "--disable-usage-stats", "--include-dashboard=false"],
         check=True, stdout=subprocess.DEVNULL,
     )
@@ -173,7 +174,7 @@ def cmd_down(args) -> int:
         import ray
 
         ray.shutdown()
-        subprocess.run([_ray_cli(), "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
+        subprocess.run([ray_cli(), "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
         _say("stopped the local Ray head")
     _state_file().unlink(missing_ok=True)
     return 0

@@ -35,7 +35,7 @@ SETUPS: dict[str, tuple[str, str, dict]] = {
     "rayllm-pd-nixl-fix": ("peer", "nixl-fix", {}),
 }
 BASE, COLOCATED = "pdserve-pd", "pdserve-colocated"
-PEERS = ("rayllm-pd", "rayllm-pd-nixl-fix")
+PEERS = tuple(name for name, (kind, _, _) in SETUPS.items() if kind == "peer")
 
 
 def _say(msg: str) -> None:

@@ -6,7 +6,7 @@
 
 Same model, dtype, engine limits and cores as pdserve's default config (one prefill engine on core 0, one
 decode engine on core 1, NixlConnector with ``kv_buffer_device=cpu``), served on :8000 like pdserve, so the
-same load test runs against it. Needs ``pyarrow`` (Ray Serve LLM imports it): ``pip install -e ".[bench]"``.
+same load test runs against it. Needs ``pyarrow`` (Ray Serve LLM imports it), part of ``pip install -e ".[test]"``.
 
 The NIXL fix is pdserve's vLLM general plugin (``deployments/engine/nixl_plugin.py``); being an installed
 entry point, vLLM loads it in every engine process of the venv, the peer's too. ``shipped`` sets
@@ -20,9 +20,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from deployments.cli import wait_http
+from deployments.cli import ray_cli, wait_http
 from deployments.models import DEFAULT_MODEL_DIRNAME, prepare_default_model
 
 VARIANTS = ("shipped", "nixl-fix")
@@ -54,8 +53,8 @@ def pd_serving_args(model_path: str, variant: str, *, max_num_seqs: int = 8, dty
     return {"prefill_config": llm_config("0"), "decode_config": llm_config("1")}
 
 
-def _ray(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).with_name("ray")), *args], check=True, stdout=subprocess.DEVNULL)
+def _ray(*args: str, check: bool = True) -> None:
+    subprocess.run([ray_cli(), *args], check=check, stdout=subprocess.DEVNULL)
 
 
 def up(variant: str, num_cpus: int = 8) -> float:
@@ -90,8 +89,7 @@ def down() -> None:
         ray.shutdown()
     except Exception:  # nothing running, or already gone: the rest still cleans up
         pass
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
-                   stdout=subprocess.DEVNULL)
+    _ray("stop", "--force", check=False)
     orphans = [p for p in psutil.process_iter(["name", "ppid"])
                if p.info["name"].startswith("VLLM::") and p.info["ppid"] == 1]
     for proc in orphans:

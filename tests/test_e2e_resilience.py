@@ -32,6 +32,12 @@ def _complete(base: str, model: str, prompt: str, max_tokens: int = 12, timeout:
                       json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
 
 
+def _ingress_log() -> str:
+    """The pd app's ingress replica log(s) of the running Ray session."""
+    logs = sorted(Path("/tmp/ray/session_latest/logs/serve").glob("replica_pdserve_Ingress_*.log"))
+    return "".join(log.read_text() for log in logs)
+
+
 def _text(resp: httpx.Response) -> str:
     assert resp.status_code == 200, resp.text
     return resp.json()["choices"][0]["text"]
@@ -60,8 +66,7 @@ def test_short_prompt_prefills_locally_long_one_moves_kv(cluster):
     assert _text(long) == _text(_complete(cluster.colocated, cluster.model, prompt))
     assert _text(short) == _text(_complete(cluster.colocated, cluster.model, short_prompt))
     # each request's route, reason and timing breakdown is one line of the ingress replica's log
-    logs = "".join(p.read_text() for p in Path("/tmp/ray/session_latest/logs/serve").glob("replica_pdserve_Ingress_*.log"))
-    lines = {json.loads(m)["request_id"]: json.loads(m) for m in re.findall(r"request (\{.*\})", logs)}
+    lines = {json.loads(m)["request_id"]: json.loads(m) for m in re.findall(r"request (\{.*\})", _ingress_log())}
     for resp, route in ((short, "local_prefill"), (long, "disaggregated")):
         line = lines[resp.headers["x-pdserve-request-id"]]
         assert line["route"] == route and line["status"] == 200 and line["e2e_s"] > 0, line
@@ -228,8 +233,7 @@ def test_killed_decode_replica_mid_stream_ends_the_stream_cleanly(cluster):
 
 def _routing_retry_counts() -> list[int]:
     """Serve's "Failed to route request after N attempts" warnings in the ingress replica's log: N each."""
-    logs = Path("/tmp/ray/session_latest/logs/serve").glob("replica_pdserve_Ingress_*.log")
-    return [int(m) for log in logs for m in re.findall(r"Failed to route request after (\d+) attempts", log.read_text())]
+    return [int(m) for m in re.findall(r"Failed to route request after (\d+) attempts", _ingress_log())]
 
 
 def test_overload_answers_429_and_recovers(cluster):

@@ -172,7 +172,6 @@ class Ingress:
             yield "data: [DONE]\n\n"
         finally:
             await rest.aclose()  # client gone or stream done: cancel the replica call (vLLM aborts the request)
-            trace.finished_at = trace.finished_at or time.time()
             self._finish(trace, status)
 
     def _finish(self, trace: Trace, status: int) -> None:
