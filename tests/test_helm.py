@@ -364,6 +364,7 @@ def test_images_chart_and_pyproject_pin_the_same_versions():
         for package in checked:
             assert f"'{pins[package]}'" in text, f"{name} does not check {package}=={pins[package]}"
         assert "pdserve prepare-model" in text
+        assert "python -m deployments.engine.nixl_plugin" in text, f"{name}: no NIXL smoke test (agent via vLLM)"
 
 
 def test_dockerfiles_pass_hadolint():

@@ -1,15 +1,26 @@
 """vLLM general plugin: give NIXL's progress thread a delay so idle engines do not spin a core.
 
-``nixl_cu12/_api.py`` creates every agent with ``pthrDelay = 0``; the progress thread then busy-polls one
-core at ~99% while idle and, on small CPU machines, starves the engines. vLLM loads ``vllm.general_plugins``
-entry points in every process it starts (API server, EngineCore, Worker), before the NIXL agent exists, so
-this hook acts where the agent is created. ``nixl._api`` is already imported by then, so the module's
-``nixlBind`` attribute is replaced by a proxy that sets the delay on each new agent's config.
+NIXL creates every agent with ``pthrDelay = 0``; the progress thread then busy-polls one core at ~99% while
+idle and, on small CPU machines, starves the engines. vLLM loads ``vllm.general_plugins`` entry points in
+every process it starts (API server, EngineCore, Worker), before the NIXL agent exists, so this hook acts
+where the agent is created: it replaces the ``nixlBind`` attribute of the module vLLM will import the agent
+from by a proxy that sets the delay on each new agent's config.
+
+Which module that is: vLLM imports ``nixl._api`` (``nixl_rocm._api`` on ROCm). ``nixl`` is NVIDIA's meta
+package: it picks ``nixl_cu13`` or ``nixl_cu12`` by the CUDA version of the installed torch and aliases
+``nixl._api`` to that variant's module. Where both variants are installed (``pip install nixl`` installs both)
+only the chosen one may be imported: each registers the same pybind11 types, and a second import fails with
+``generic_type: type "nixl_thread_sync_t" is already registered!``, after which vLLM reports NIXL unavailable.
+So this plugin imports exactly the module vLLM resolves, nothing else.
+
 Delay in µs from ``PDSERVE_NIXL_PROGRESS_DELAY_US`` (default 1000; 0 restores NIXL's busy polling).
+``python -m deployments.engine.nixl_plugin`` is the image smoke test: it loads vLLM's plugins, creates a NIXL
+agent through vLLM's own import path and prints the variant in use.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -36,16 +47,48 @@ class _DelayedAgentBinding:
         return self._real.nixlAgent(agent_name, config)
 
 
+def nixl_api_module_name() -> str:
+    """The module vLLM imports ``nixl_agent`` from: ``nixl._api``, or ``nixl_rocm._api`` on ROCm."""
+    try:
+        from vllm.distributed.nixl_utils import _get_nixl_module_name
+    except ImportError:  # no vLLM (e.g. the GPU check script): NIXL's own meta package
+        return "nixl._api"
+    return _get_nixl_module_name("NixlWrapper")
+
+
 def register() -> None:
     delay_us = int(os.environ.get(DELAY_ENV, "1000"))
     if delay_us <= 0:
         return
-    for module_name in ("nixl_cu12._api", "nixl_cu13._api", "nixl._api"):
-        try:
-            module = __import__(module_name, fromlist=["nixlBind"])
-        except ImportError:
-            continue
-        binding = getattr(module, "nixlBind", None)
-        if binding is None or getattr(binding, "pdserve_patched", False):
-            continue
+    # vLLM sets this before its own first NIXL import (a UCX registration-cache leak); importing NIXL here
+    # first would keep it from doing so.
+    os.environ.setdefault("UCX_RCACHE_MAX_UNRELEASED", "1024")
+    try:
+        module = importlib.import_module(nixl_api_module_name())
+    except ImportError:
+        return  # no NIXL here: nothing to patch (vLLM reports it when a NIXL connector is configured)
+    binding = getattr(module, "nixlBind", None)
+    if binding is not None and not getattr(binding, "pdserve_patched", False):
         module.nixlBind = _DelayedAgentBinding(binding, delay_us)
+
+
+def smoke_check() -> str:
+    """Load vLLM's general plugins, then create a NIXL agent (UCX backend) through vLLM's import path.
+    Returns the NIXL variant in use; raises if NIXL is unusable."""
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    from vllm.distributed import nixl_utils
+
+    if nixl_utils.NixlWrapper is None:
+        raise RuntimeError("vLLM reports NIXL unavailable")
+    agent = nixl_utils.NixlWrapper("pdserve-smoke", nixl_utils.nixl_agent_config(backends=["UCX"]))
+    variant = type(agent).__module__.split(".")[0]
+    binding = sys.modules[nixl_api_module_name()].nixlBind
+    if not getattr(binding, "pdserve_patched", False) and int(os.environ.get(DELAY_ENV, "1000")) > 0:
+        raise RuntimeError("pdserve's NIXL plugin did not load")
+    return variant
+
+
+if __name__ == "__main__":
+    print(f"NIXL usable through vLLM: {smoke_check()}")
