@@ -32,14 +32,18 @@ def _pool_options(pool: PoolSettings, settings: PDServeSettings, policy: str) ->
     }
 
 
-def build_app(args: dict | PDServeSettings) -> Application:
+def build_app(args: dict | PDServeSettings, ingress_env: dict[str, str] | None = None) -> Application:
+    """``ingress_env``: environment of the ingress replica only (``pdserve up`` passes ``PDSERVE_API_KEY``)."""
     settings = args if isinstance(args, PDServeSettings) else parse_settings(args)
+    ingress = Ingress
+    if ingress_env:
+        ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ingress_env}})
     if settings.mode == "colocated":
         engines = DecodeServer.options(
             name="ColocatedServer", **_pool_options(settings.colocated, settings, settings.routing.decode_policy))
-        return Ingress.bind(settings, None, engines.bind(settings, "colocated"))
+        return ingress.bind(settings, None, engines.bind(settings, "colocated"))
     prefill = PrefillServer.options(**_pool_options(settings.prefill, settings, settings.routing.prefill_policy))
     prefill = prefill.bind(settings, "prefill")
     decode = DecodeServer.options(**_pool_options(settings.decode, settings, settings.routing.decode_policy))
     decode = decode.bind(settings, "decode")
-    return Ingress.bind(settings, prefill, decode)
+    return ingress.bind(settings, prefill, decode)

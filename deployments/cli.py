@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .api.auth import API_KEY_ENV
 from .models import cache_dir, prepare_default_model, prepare_tiny_model
 from .settings import DEFAULT_MODEL, SettingsError, load_serve_config
 
@@ -122,7 +123,10 @@ def cmd_up(args) -> int:
     serve.start(http_options={"host": http.host, "port": http.port})
     t0 = time.monotonic()
     _say("deploying " + ", ".join(f"'{a.name}' ({s.mode}) at {a.route_prefix}" for a, s in apps))
-    targets = [serve.RunTarget(build_app(s), name=a.name, route_prefix=a.route_prefix) for a, s in apps]
+    key = os.environ.get(API_KEY_ENV)
+    ingress_env = {API_KEY_ENV: key} if key else None
+    _say(f"API key: {'required (' + API_KEY_ENV + ')' if key else 'none: set ' + API_KEY_ENV + ' to require one'}")
+    targets = [serve.RunTarget(build_app(s, ingress_env), name=a.name, route_prefix=a.route_prefix) for a, s in apps]
     try:
         _progress_while(lambda: serve.run_many(targets), "starting engines")
     except RuntimeError as exc:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from .outcomes import Outcome, Route
+
 if TYPE_CHECKING:
     from .api.trace import Trace
     from .settings import SLOSettings
@@ -77,22 +79,23 @@ def metrics() -> Metrics:
     return Metrics()
 
 
-def record_request(m: Metrics, trace: Trace, status: int, outcome: str, slo: SLOSettings) -> None:
-    tags = {"model": trace.model, "route": trace.route}
-    m.requests.inc(tags=tags | {"outcome": outcome, "status": str(status)})
-    m.routing_decisions.inc(tags=tags | {"reason": trace.reason or "none"})
+def record_request(m: Metrics, trace: Trace, status: int, slo: SLOSettings) -> None:
+    """Label values come from the enums of ``outcomes.py`` (and the HTTP status): bounded sets."""
+    tags = {"model": trace.model, "route": str(trace.route)}
+    m.requests.inc(tags=tags | {"outcome": str(Outcome.of(status)), "status": str(status)})
+    m.routing_decisions.inc(tags=tags | {"reason": str(trace.reason)})
     for kind in trace.fallbacks:
-        m.fallbacks.inc(tags={"model": trace.model, "kind": kind})
-    for phase, num_attempts in (("prefill", trace.num_prefill_attempts), ("decode", trace.num_decode_attempts)):
+        m.fallbacks.inc(tags={"model": trace.model, "kind": str(kind)})
+    for phase, num_attempts in trace.attempts.items():
         if num_attempts > 1:
-            m.retries.inc(num_attempts - 1, tags={"model": trace.model, "phase": phase})
+            m.retries.inc(num_attempts - 1, tags={"model": trace.model, "phase": str(phase)})
     b = trace.breakdown()
     if status != 200 or not b:
         return
     for hist, key in ((m.e2e_latency, "e2e_s"), (m.time_to_first_token, "ttft_s"), (m.queue_time, "queue_s"),
                       (m.prefill_time, "prefill_s"), (m.decode_time, "decode_s")):
         hist.observe(b[key], tags=tags)
-    if trace.route == "disaggregated":
+    if trace.route is Route.DISAGGREGATED:
         m.kv_transfer_time.observe(b["transfer_s"], tags=tags)
         m.kv_transfer_size.observe(trace.kv_bytes, tags=tags)
     for gap in trace.token_gaps_s:

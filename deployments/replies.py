@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .outcomes import Failure
+
 
 @dataclass(frozen=True)
 class ErrorReply:
@@ -43,6 +45,15 @@ class PrefillReply:
     started_at: float  # wall clock: the prefill replica began ...
     finished_at: float  # ... and finished
     kv_bytes: int  # KV cache bytes held for the decode engine
+    kv_expires_at: float  # wall clock: the prefill engine may reuse the blocks after this (its kv_lease_s)
+
+
+@dataclass(frozen=True)
+class HandoffFailed:
+    """A decode replica could not use the hand-off (pull timed out, or its lease ran out before the pull could
+    finish); the engine holds nothing of the request. The ingress prefills locally instead."""
+
+    failure: Failure
 
 
 @dataclass

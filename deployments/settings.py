@@ -82,7 +82,25 @@ class RoutingSettings(_Strict):
     max_prefill_waiting: int = Field(
         8, ge=0, description="When every prefill replica has more requests waiting than this, prefill locally."
     )
-    prefill_timeout_s: float = Field(60, gt=0, description="Deadline of one prefill attempt, queueing included.")
+    prefill_timeout_s: float = Field(
+        60, gt=0, description="Upper bound of one prefill attempt's deadline, queueing included. The deadline itself "
+        "is prefill_deadline_base_s + prefill_deadline_factor x (the prompt's and the replica's queued prompt "
+        "tokens) / the pool's measured prefill speed."
+    )
+    prefill_deadline_base_s: float = Field(
+        2.0, gt=0, description="Fixed part of a prefill attempt's deadline: hops, scheduling, the hand-off reply."
+    )
+    prefill_deadline_factor: float = Field(
+        4.0, ge=1, description="Headroom of a prefill attempt's deadline over the time its tokens should take."
+    )
+    prefill_tokens_per_s: float = Field(
+        500, gt=0, description="Prefill speed assumed until the pool's own speed is measured (from its replies)."
+    )
+    replica_probe_timeout_s: float = Field(
+        1.0, gt=0, description="After a prefill attempt timed out, how long its replica may take to answer a direct "
+        "liveness probe. Answered: the replica is alive and busy (queueing, not a breaker failure); silent: frozen "
+        "or cut off (a breaker failure)."
+    )
     kv_pull_timeout_s: float = Field(
         10, gt=0, description="Deadline for a decode engine to pull the KV and produce its first token; then "
         "the decode request is aborted and retried with a local prefill."
@@ -106,6 +124,17 @@ class RoutingSettings(_Strict):
             raise ValueError("routing.kv_pull_timeout_s must be shorter than routing.kv_lease_s: a decode engine "
                              "must give up on a KV pull before the prefill engine may reuse those blocks")
         return self
+
+
+class LimitSettings(_Strict):
+    """Caps on what one request may ask for; beyond them the API answers 400 naming the field."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body (HTTP 413 beyond).")
+    max_n: int = Field(8, ge=1, description="Largest n (and best_of): sequences per request.")
+    max_logprobs: int = Field(20, ge=0, description="Largest logprobs / top_logprobs / prompt_logprobs.")
+    max_stop_sequences: int = Field(16, ge=0, description="Most entries in stop (and in stop_token_ids).")
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one completions request (a list prompt).")
+    max_messages: int = Field(512, ge=1, description="Most messages in one chat request.")
 
 
 class PoolSettings(_Strict):
@@ -155,7 +184,11 @@ class PDServeSettings(_Strict):
     routing: RoutingSettings = Field(default_factory=RoutingSettings, description="Routing, retries, deadlines.")
     slo: SLOSettings = Field(default_factory=SLOSettings, description="Targets that define goodput.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
-    request_timeout_s: float = Field(600, gt=0, description="Longest a request may take end to end.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Per-request caps.")
+    request_timeout_s: float = Field(
+        600, gt=0, description="End-to-end deadline of a request, from arrival to its last byte: past it the client "
+        "gets 504 (or, once streaming, an error event)."
+    )
 
     @model_validator(mode="after")
     def _pools_match_mode(self) -> PDServeSettings:

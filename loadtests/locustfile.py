@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -145,6 +146,9 @@ def on_init(environment, **_kw) -> None:
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(opts.max_in_flight, 10))
     STATE.session.mount("http://", adapter)
     STATE.session.mount("https://", adapter)
+    key = os.environ.get("OPENAI_API_KEY") or os.environ.get("PDSERVE_API_KEY")  # a server that requires a key
+    if key:
+        STATE.session.headers["authorization"] = f"Bearer {key}"
 
 
 def build_workload(environment, opts) -> Workload:

@@ -21,11 +21,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))
+# The e2e cluster runs as a production deployment would: with an API key (PDSERVE_API_KEY in the environment of
+# `pdserve up`). Subprocesses of the tests (locust) inherit it; test requests send AUTH.
+API_KEY = "pdserve-e2e-key"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 # Cluster test modules run in this order, after the fast tests: the idle-CPU test wants a quiet cluster, the
 # resilience tests kill replicas, and the metrics tests check (among others) metrics that failures create.
-CLUSTER_MODULE_ORDER = ["test_e2e_cpu", "test_e2e_errors", "test_e2e_outputs", "test_e2e_loadtest",
+CLUSTER_MODULE_ORDER = ["test_e2e_cpu", "test_e2e_errors", "test_e2e_requests", "test_e2e_outputs", "test_e2e_loadtest",
                         "test_e2e_resilience", "test_e2e_metrics"]
 
 
@@ -106,8 +110,9 @@ def _combined_config(tmp: Path) -> Path:
     args = pd["applications"][0]["args"]
     for pool in ("prefill", "decode"):
         args[pool] |= {"num_replicas": 2, "cpu_bind": ["0", "1"]}
-    args["routing"] = {"prefill_timeout_s": 20, "kv_pull_timeout_s": 8, "breaker_cooldown_s": 10,
-                       "max_queued_requests": 16}
+    # Prefill deadlines as by default (derived from prompt size and measured speed); a shorter pull deadline
+    # and breaker cooldown keep the failure tests short.
+    args["routing"] = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "max_queued_requests": 16}
     args["engine"]["max_num_seqs"] = 4
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))
@@ -117,6 +122,7 @@ def _combined_config(tmp: Path) -> Path:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     config = _combined_config(tmp_path_factory.mktemp("cluster"))
+    os.environ["PDSERVE_API_KEY"] = API_KEY
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     if os.environ.get("PDSERVE_TEST_REUSE_CLUSTER") == "1":  # developer loop: a cluster already `up` with e2e.yaml
         import ray
@@ -146,5 +152,5 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def http(cluster):
-    with httpx.Client(timeout=300) as client:
+    with httpx.Client(timeout=300, headers=AUTH) as client:
         yield client

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import AUTH
 from .prompts import SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
@@ -78,7 +79,7 @@ def _stream(base: str, model: str, prompt: str) -> tuple[float, float, dict]:
     body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0, ttft, timing = time.monotonic(), None, None
-    with httpx.stream("POST", base + "/completions", json=body, timeout=120) as resp:
+    with httpx.stream("POST", base + "/completions", json=body, timeout=120, headers=AUTH) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if not line.startswith("data: {"):
@@ -140,7 +141,7 @@ def test_dashboard_queries_name_only_scraped_metrics(cluster, prometheus):
     body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, long_prompt(30)), "max_tokens": 300,
             "temperature": 0, "ignore_eos": True}
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(httpx.post, cluster.pd + "/completions", json=body, timeout=300)
+        running = pool.submit(httpx.post, cluster.pd + "/completions", json=body, timeout=300, headers=AUTH)
         time.sleep(6)
         scraped = set(re.findall(r"^([a-zA-Z_:][\w:]*)(?:\{| )", httpx.get(SCRAPE, timeout=30).text, re.M))
         assert running.result().status_code == 200

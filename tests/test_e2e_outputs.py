@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from .conftest import API_KEY
 from .prompts import MEDIUM, SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
@@ -102,7 +103,7 @@ def test_kv_cache_moves_instead_of_being_recomputed(cluster, http):
 def test_openai_client_unchanged(cluster):
     from openai import OpenAI
 
-    client = OpenAI(base_url=cluster.pd, api_key="unused")
+    client = OpenAI(base_url=cluster.pd, api_key=API_KEY)
     assert [m.id for m in client.models.list()] == [cluster.model]
     chat = client.chat.completions.create(model=cluster.model, max_tokens=16, temperature=0,
                                           messages=[{"role": "user", "content": "Name a colour."}])

@@ -1,8 +1,9 @@
 """Routing policies, conditional disaggregation and the circuit breaker on plain data (no cluster)."""
 
+from deployments.routing.breaker import BreakerState
 from deployments.routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill
 from deployments.routing.policies import (
-    estimate_prompt_tokens, least_loaded, prefix_affinity, prefix_key, prompt_text, round_robin,
+    least_loaded, prefix_affinity, prefix_key, round_robin,
 )
 
 IDLE, BUSY = ReplicaLoad(), ReplicaLoad(num_running=6, num_waiting=3, kv_cache_usage=0.7)
@@ -44,10 +45,6 @@ def test_prefix_affinity_yields_to_load_imbalance():
     assert prefix_affinity(RouteRequest(prefix_key=key), ["a", "b"], {preferred: overloaded, other: IDLE})[0] == other
 
 
-def test_prompt_text_and_estimate():
-    assert prompt_text({"messages": [{"role": "user", "content": "ab"}, {"role": "user", "content": [{"type": "text", "text": "cd"}]}]}) == "ab\ncd"
-    assert estimate_prompt_tokens({"prompt": "x" * 4000}) == 1000
-
 
 def test_decide_prefill():
     assert decide_prefill(20, [IDLE], 128, 8).reason == "short_prompt"
@@ -73,10 +70,38 @@ def test_breaker_opens_after_threshold_and_probes_back():
     breaker.record_failure("p1")
     assert breaker.excluded() == {"p1"} and breaker.is_open("p1")
     clock.now += 11
-    assert breaker.excluded() == frozenset()  # this caller probes p1 ...
-    assert breaker.excluded() == {"p1"}  # ... the others wait for the probe
+    assert breaker.excluded() == frozenset()  # cooldown over: p1 may be tried again ...
+    assert breaker.excluded() == frozenset()  # ... and reading that twice takes no probe slot
+    breaker.on_attempt("p1")  # an attempt really targets p1: it is the probe ...
+    assert breaker.excluded() == {"p1"} and breaker.state("p1") is BreakerState.HALF_OPEN  # ... the others wait
     breaker.record_success("p1")
-    assert breaker.excluded() == frozenset()
+    assert breaker.excluded() == frozenset() and breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_breaker_probe_slot_not_taken_by_readers():
+    """Regression: reading the live view (``excluded``) used to take the half-open slot, and the attempt that
+    followed excluded the replica again, so a tripped replica never came back while another was healthy."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    breaker.record_failure("p1")
+    clock.now += 6
+    for _ in range(3):  # routing decisions and live-load views read the breaker several times per request
+        assert "p1" not in breaker.excluded()
+    breaker.on_attempt("p1")
+    breaker.record_success("p1")
+    assert breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_breaker_lost_probe_frees_its_slot():
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    breaker.record_failure("p1")
+    clock.now += 6
+    breaker.on_attempt("p1")  # the probe never reports back (its caller was cancelled)
+    clock.now += 6
+    assert "p1" not in breaker.excluded()
+    breaker.on_attempt("p1")
+    assert breaker.excluded() == {"p1"}
 
 
 def test_breaker_failed_probe_reopens():
@@ -85,5 +110,6 @@ def test_breaker_failed_probe_reopens():
     breaker.record_failure("d1")
     clock.now += 6
     assert "d1" not in breaker.excluded()
+    breaker.on_attempt("d1")
     breaker.record_failure("d1")
     assert breaker.is_open("d1")

@@ -1,10 +1,11 @@
 """The per-request timing breakdown on plain timestamps (no cluster): its phases partition the request."""
 
 from deployments.api.trace import Trace
+from deployments.outcomes import Failure, Phase, Route, RouteReason
 
 
 def _disaggregated() -> Trace:
-    t = Trace(request_id="r", model="m", route="disaggregated", arrived_at=100.0)
+    t = Trace(request_id="r", model="m", route=Route.DISAGGREGATED, arrived_at=100.0)
     t.prefill_started_at, t.prefill_finished_at, t.prefill_received_at = 100.2, 101.2, 101.25
     t.decode_started_at, t.first_token_at, t.finished_at = 101.4, 101.6, 103.6
     t.token_gaps_s = [0.1, 0.2, 0.3]
@@ -20,7 +21,7 @@ def test_disaggregated_phases_add_up_to_e2e():
 
 
 def test_local_prefill_has_no_transfer():
-    t = Trace(request_id="r", model="m", route="local_prefill", arrived_at=10.0)
+    t = Trace(request_id="r", model="m", route=Route.LOCAL_PREFILL, arrived_at=10.0)
     t.decode_started_at, t.first_token_at, t.finished_at = 10.1, 10.5, 11.0
     b = t.breakdown()
     assert (b["queue_s"], b["prefill_s"], b["transfer_s"], b["decode_s"]) == (0.1, 0.4, 0.0, 0.5)
@@ -28,14 +29,16 @@ def test_local_prefill_has_no_transfer():
 
 def test_abandoned_handoff_counts_as_local_prefill():
     t = _disaggregated()
-    t.clear_prefill()
+    t.prefill_locally(RouteReason.KV_PULL_FAILED)
     b = t.breakdown()
+    assert t.route is Route.LOCAL_PREFILL and t.kv_bytes == 0 and t.prefill_replica is None
     assert b["transfer_s"] == 0.0 and round(b["queue_s"] + b["prefill_s"] + b["decode_s"], 6) == b["e2e_s"]
 
 
 def test_unfinished_request_has_no_breakdown_and_headers_name_the_path():
-    t = Trace(request_id="r", model="m", route="disaggregated", reason="long_prompt", prefill_replica="p1",
-              decode_replica="d1", num_prefill_attempts=2, num_decode_attempts=1, fallbacks=["prefill_timeout"])
+    t = Trace(request_id="r", model="m", route=Route.DISAGGREGATED, reason=RouteReason.LONG_PROMPT,
+              prefill_replica="p1", decode_replica="d1", attempts={Phase.PREFILL: 2, Phase.DECODE: 1},
+              fallbacks=[Failure.PREFILL_TIMEOUT])
     assert t.breakdown() == {}
     assert t.headers() == {"x-pdserve-request-id": "r", "x-pdserve-route": "disaggregated",
                            "x-pdserve-route-reason": "long_prompt", "x-pdserve-retries": "1",

@@ -10,25 +10,94 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..replies import ErrorReply, JsonReply
-from ..routing import ReplicaLoad, RouteRequest, decide_prefill
-from ..routing.policies import estimate_prompt_tokens, prefix_key, prompt_text
-from ..settings import PDServeSettings
 from ..metrics import metrics, record_request
-from .phases import DecodePhase, Overloaded, PrefillPhase
+from ..outcomes import Failure, Route, RouteReason
+from ..replies import ErrorReply, HandoffFailed, JsonReply
+from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill
+from ..routing.router import ROUTERS
+from ..settings import PDServeSettings
+from . import auth
+from .attempts import Pool
+from .phases import DeadlineExceeded, DecodePhase, DecodeStream, Overloaded, PrefillPhase
+from .requests import ClientRequest, inspect
 from .trace import Trace
 
 logger = logging.getLogger("ray.serve.pdserve.ingress")  # under Serve's logger: lands in the replica log
 api = FastAPI(title="pdserve", description="Disaggregated prefill/decode LLM serving, OpenAI-compatible API")
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def error_response(err: ErrorReply, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def public(err: ErrorReply, request_id: str) -> ErrorReply:
+    """What a client may see of an error: a server error's own text (exception names, actor ids, addresses)
+    stays in the log; the client gets its kind and the request id to quote."""
+    if err.status < 500:
+        return err
+    return ErrorReply(err.status, f"{_SERVER_ERRORS.get(err.status, 'internal server error')} "
+                                  f"(request id {request_id})", err.type if err.status in _SERVER_ERRORS else
+                      "InternalServerError")
+
+
+_SERVER_ERRORS = {503: "service unavailable", 504: "request deadline exceeded"}
+
+
+@api.middleware("http")
+async def require_api_key(request: Request, call_next):
+    path = request.scope.get("path", "")
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    if auth.needs_key(path):
+        refused = auth.check(request.headers.get("authorization"), auth.api_key())
+        if refused is not None:
+            return error_response(refused, {"www-authenticate": "Bearer"})
+    return await call_next(request)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException):
+    kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(exc.status_code, "BadRequestError")
+    return error_response(ErrorReply(exc.status_code, str(exc.detail), kind), getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def unhandled_error(request: Request, exc: Exception):
+    """Last resort (a bug of ours outside a request's own handler): OpenAI-style JSON, no internal text."""
+    logger.error("unhandled error on %s: %r", request.url.path, exc)
+    return error_response(public(ErrorReply(500, "internal"), "unknown"))
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError):
+    return error_response(ErrorReply(400, "invalid request"))
+
+
+def _request_id(request: Request) -> str:
+    """The client's ``x-request-id`` if it is a sane token (it is echoed in headers and logs), else a new one."""
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isascii() and all(c.isalnum() or c in "-_.:" for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
+def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fallback: bool) -> Pool:
+    def view() -> dict[str, ReplicaLoad] | None:
+        router = ROUTERS.get(deployment)
+        return router.pool_view() if router is not None else None
+
+    async def probe(replica: str, timeout_s: float) -> int | None:
+        router = ROUTERS.get(deployment)
+        return await router.probe(replica, timeout_s) if router is not None else None
+
+    return Pool(deployment, policy, breaker, view, probe, untargeted_fallback)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -37,12 +106,19 @@ class Ingress:
     def __init__(self, settings: PDServeSettings, prefill: DeploymentHandle | None, decode: DeploymentHandle):
         self.settings = settings
         self.model_name = settings.model.served_model_name
-        routing = settings.routing
-        self.prefill = PrefillPhase(prefill, "PrefillServer", routing, self.model_name) if prefill is not None else None
+        r = settings.routing
+        breaker = lambda: CircuitBreaker(r.breaker_failure_threshold, r.breaker_cooldown_s)  # noqa: E731
+        self.prefill = None
+        if prefill is not None:
+            self.prefill = PrefillPhase(prefill, _pool("PrefillServer", r.prefill_policy, breaker(), False), r,
+                                        self.model_name)
         decode_name = "DecodeServer" if prefill is not None else "ColocatedServer"
-        self.decode = DecodePhase(decode, decode_name, routing, self.model_name, settings.request_timeout_s)
+        self.decode = DecodePhase(decode.options(stream=True), _pool(decode_name, r.decode_policy, breaker(), True),
+                                  r, self.model_name)
         self.num_requests = 0
         self._gauge_refresh: asyncio.Task | None = None
+        if auth.api_key() is None:
+            logger.warning("no %s set: the API accepts requests without a key", auth.API_KEY_ENV)
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -51,34 +127,44 @@ class Ingress:
                     phase.inflight.publish()
             await asyncio.sleep(2)
 
-    async def serve_request(self, endpoint: str, body: dict, trace: Trace) -> AsyncIterator[JsonReply | ErrorReply | str]:
-        """route → prefill → hand-off → decode → stream."""
-        route = self.route(body, trace)
+    async def serve_request(self, req: ClientRequest, trace: Trace) -> AsyncIterator[JsonReply | ErrorReply | str]:
+        """route → prefill → hand-off → decode → stream; every fallback is decided here."""
+        route = self.route(req, trace)
         handoff = None
-        if trace.route == "disaggregated":
-            handoff = await self.prefill.run(endpoint, body, route, trace)
-            if isinstance(handoff, ErrorReply):  # invalid request: 4xx
-                yield handoff
+        if trace.route is Route.DISAGGREGATED:
+            handoff = await self.prefill.run(req, route, trace)
+            if isinstance(handoff, RouteReason):  # no hand-off: the decode replica prefills
+                trace.prefill_locally(handoff)
+                handoff = None
+        with self.decode.inflight:
+            started = await self.decode.start(req, handoff, route, trace)
+            if isinstance(started, HandoffFailed):  # pull timed out or lease ran out: prefill locally
+                if started.failure is Failure.KV_PULL_TIMEOUT:  # the prefill replica holding the KV is frozen or cut off
+                    self.prefill.pool.breaker.record_failure(handoff.prefill_replica)
+                trace.fallbacks.append(started.failure)
+                trace.prefill_locally(RouteReason.KV_PULL_FAILED if started.failure is Failure.KV_PULL_TIMEOUT
+                                      else RouteReason.KV_LEASE_EXPIRED)
+                started = await self.decode.start(req, None, route, trace)
+            if not isinstance(started, DecodeStream):
+                yield started
                 return
-            if handoff is None:
-                trace.route, trace.reason = "local_prefill", trace.fallbacks[-1]
-        async for item in self.decode.run(endpoint, body, handoff, route, trace,
-                                          self.prefill.breaker if self.prefill else None):
-            yield item
+            async for item in self.decode.relay(started, trace):
+                yield item
 
-    def route(self, body: dict, trace: Trace) -> RouteRequest:
+    def route(self, req: ClientRequest, trace: Trace) -> RouteRequest:
         """Describe the request for the routing policies and decide where its prompt is prefilled."""
         self.num_requests += 1
-        route = RouteRequest(seq=self.num_requests, prefix_key=prefix_key(prompt_text(body)),
-                             num_prompt_tokens=estimate_prompt_tokens(body))
+        route = RouteRequest(seq=self.num_requests, prefix_key=req.prefix_key, num_prompt_tokens=req.num_prompt_tokens)
         if self.prefill is None:
-            trace.route, trace.reason = "colocated", "colocated_mode"
-            return route
-        loads = self.prefill.live_loads()
-        decision = decide_prefill(route.num_prompt_tokens, loads if loads is not None else [ReplicaLoad()],  # not seen yet: one idle
-                                  self.settings.routing.min_remote_prefill_tokens,
-                                  self.settings.routing.max_prefill_waiting)
-        trace.route, trace.reason = decision.route, decision.reason
+            trace.route, trace.reason = Route.COLOCATED, RouteReason.COLOCATED_MODE
+        elif req.not_transferable is not None:
+            trace.route, trace.reason = Route.LOCAL_PREFILL, RouteReason.NOT_TRANSFERABLE
+        else:
+            loads = self.prefill.pool.live_loads()
+            decision = decide_prefill(route.num_prompt_tokens, loads if loads is not None else [ReplicaLoad()],
+                                      self.settings.routing.min_remote_prefill_tokens,
+                                      self.settings.routing.max_prefill_waiting)
+            trace.route, trace.reason = decision.route, decision.reason
         return route
 
     # ---- HTTP ----------------------------------------------------------------------------------------
@@ -100,47 +186,80 @@ class Ingress:
     async def completions(self, request: Request):
         return await self._handle("completions", request)
 
+    async def _read_body(self, request: Request) -> bytes | ErrorReply:
+        """The body, refused with 413 from its Content-Length before reading, or as soon as it grows too big."""
+        limit = self.settings.limits.max_body_bytes
+        too_large = ErrorReply(413, f"request body over {limit} bytes", "RequestTooLarge")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return too_large if length.isdigit() else ErrorReply(400, "invalid Content-Length")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _handle(self, endpoint: str, request: Request):
         if self._gauge_refresh is None:
             self._gauge_refresh = asyncio.create_task(self._refresh_gauges())
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return error_response(ErrorReply(413, f"request body over {MAX_BODY_BYTES} bytes", "RequestTooLarge"))
+        trace = Trace(request_id=_request_id(request), model=self.model_name, timeout_s=self.settings.request_timeout_s)
+        try:
+            return await self._respond(endpoint, request, trace)
+        except Exception:  # a bug of ours: logged with the request id, never shown to the client
+            logger.exception("%s: unhandled error", trace.request_id)
+            self._finish(trace, 500)
+            return error_response(public(ErrorReply(500, "internal"), trace.request_id), trace.headers())
+
+    async def _respond(self, endpoint: str, request: Request, trace: Trace):
+        raw = await self._read_body(request)
+        if isinstance(raw, ErrorReply):
+            return self._refuse(raw, trace)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return error_response(ErrorReply(400, f"malformed JSON body: {exc}"))
-        if not isinstance(body, dict):
-            return error_response(ErrorReply(400, "request body must be a JSON object"))
-        if body.get("model", self.model_name) != self.model_name:
-            return error_response(ErrorReply(
-                404, f"The model `{body.get('model')}` does not exist; this server serves `{self.model_name}`.",
-                "NotFoundError", "model"))
-        trace = Trace(request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model=self.model_name)
-        replies = self.serve_request(endpoint, body, trace)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return self._refuse(ErrorReply(400, "malformed JSON body"), trace)
+        req = inspect(endpoint, body, self.model_name, self.settings.limits, self.settings.engine.max_model_len)
+        if isinstance(req, ErrorReply):
+            return self._refuse(req, trace)
+        replies = self.serve_request(req, trace)
         try:
             first = await anext(replies)
-        except Overloaded as exc:
+        except Overloaded:
             self._finish(trace, 429)
-            return error_response(ErrorReply(429, f"server overloaded, retry later: {exc}", "RateLimitError"),
+            return error_response(ErrorReply(429, "server overloaded, retry later", "RateLimitError"),
                                   trace.headers() | {"retry-after": "1"})
         if isinstance(first, ErrorReply):
+            await replies.aclose()
+            if first.status >= 500:
+                logger.warning("%s: answering %d: %s", trace.request_id, first.status, first.message)
             self._finish(trace, first.status)
-            return error_response(first, trace.headers())
+            return error_response(public(first, trace.request_id), trace.headers())
         if isinstance(first, JsonReply):
-            trace.finished_at = time.time()
-            engine = first.body.get("metrics") or {}
-            engine_ttft_ms = engine.get("time_to_first_token_ms")
-            if engine.get("mean_itl_ms") is not None:
-                trace.engine_mean_itl_s = engine["mean_itl_ms"] / 1000
-            if engine_ttft_ms is not None and trace.decode_started_at is not None:
-                trace.first_token_at = min(trace.decode_started_at + engine_ttft_ms / 1000, trace.finished_at)
+            await replies.aclose()
+            self._timed_json(first, trace)
             self._finish(trace, 200)
             return JSONResponse(first.body | {"pdserve_timing": trace.timing()},
                                 headers=trace.headers() | {"x-pdserve-timing": trace.timing_header()})
         trace.first_token_at = time.time()
         return StreamingResponse(self._stream(first, replies, trace, skip_first_gap=endpoint == "chat"),
                                  media_type="text/event-stream", headers=trace.headers())
+
+    def _refuse(self, err: ErrorReply, trace: Trace) -> JSONResponse:
+        trace.route, trace.reason = Route.COLOCATED if self.prefill is None else Route.LOCAL_PREFILL, RouteReason.REFUSED
+        self._finish(trace, err.status)
+        return error_response(err, trace.headers())
+
+    @staticmethod
+    def _timed_json(reply: JsonReply, trace: Trace) -> None:
+        trace.finished_at = time.time()
+        engine = reply.body.get("metrics") or {}
+        engine_ttft_ms = engine.get("time_to_first_token_ms")
+        if engine.get("mean_itl_ms") is not None:
+            trace.engine_mean_itl_s = engine["mean_itl_ms"] / 1000
+        if engine_ttft_ms is not None and trace.decode_started_at is not None:
+            trace.first_token_at = min(trace.decode_started_at + engine_ttft_ms / 1000, trace.finished_at)
 
     async def _stream(self, first: str, rest: AsyncIterator, trace: Trace, skip_first_gap: bool) -> AsyncIterator[str]:
         """Relay SSE chunks; time each gap; put the timing breakdown into the final usage chunk, if any."""
@@ -165,9 +284,12 @@ class Ingress:
             status = 499  # the client went away
             raise
         except Exception as exc:  # the stream broke after tokens went out: end it cleanly
-            status = 503
-            logger.warning("%s: stream interrupted: %s: %s", trace.request_id, type(exc).__name__, exc)
-            err = ErrorReply(503, f"stream interrupted: {type(exc).__name__}: {exc}", "ServiceUnavailable")
+            status = 504 if isinstance(exc, DeadlineExceeded) else 503
+            if status == 503:
+                trace.fallbacks.append(Failure.STREAM_INTERRUPTED)
+            logger.warning("%s: stream interrupted: %r", trace.request_id, exc)
+            err = public(ErrorReply(status, "stream interrupted", "ServiceUnavailable" if status == 503 else "Timeout"),
+                         trace.request_id)
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -177,9 +299,10 @@ class Ingress:
     def _finish(self, trace: Trace, status: int) -> None:
         """One log line and the metrics of a finished request."""
         trace.finished_at = trace.finished_at or time.time()
-        outcome = "ok" if status == 200 else "client_error" if status < 500 else "server_error"
         timing = trace.timing() if status == 200 else {}
-        logger.info("request %s", json.dumps({"request_id": trace.request_id, "status": status, "route": trace.route,
-                                              "reason": trace.reason, "fallbacks": trace.fallbacks,
+        logger.info("request %s", json.dumps({"request_id": trace.request_id, "status": status,
+                                              "route": str(trace.route), "reason": str(trace.reason),
+                                              "fallbacks": [str(f) for f in trace.fallbacks],
                                               "retries": trace.num_retries} | timing))
-        record_request(metrics(), trace, status, outcome, self.settings.slo)
+        record_request(metrics(), trace, status, self.settings.slo)
+

@@ -1,12 +1,15 @@
-"""The prefill and decode phases of one request, with retries, deadlines, fallbacks and the circuit breaker.
+"""The prefill and decode phases of one request: what one attempt does and how its result reads.
 
-Failure rules (what pdserve promises):
-- prefill replica dead, erroring or past ``prefill_timeout_s``: retry on another prefill replica, then prefill
-  locally on the decode replica;
-- a hand-off whose KV cannot be pulled within ``kv_pull_timeout_s`` (prefill frozen or unreachable): the decode
-  engine aborts the pull, and the request is prefilled locally;
-- decode replica dead before its first reply: retry on another decode replica (with the same hand-off);
-- after tokens went out: the stream ends with an error event and ``[DONE]`` (see ingress.py).
+Retries, replica choice and the breaker are ``attempts.run_attempts``'s; which fallback follows a failed
+phase is ``Ingress.serve_request``'s. Failure rules:
+- prefill: a replica that died, answered 5xx or stayed silent past its deadline (derived from the prompt
+  size and the pool's measured prefill speed) is a replica failure; a replica past the deadline that answers
+  a direct probe with other requests in hand was queueing, which is not. Either way the next attempt goes to
+  another replica, never the same one; with none left the decode replica prefills locally. A prefill-only run
+  refused with 4xx also falls back: the decode engine judges the client's own request.
+- decode: a replica that died or answered 5xx before its first token is a failure, retried on another one;
+  4xx goes to the client; after the first token a broken stream ends with an error event (ingress.py).
+- every wait is bounded by the request's end-to-end deadline.
 """
 
 from __future__ import annotations
@@ -15,18 +18,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
-from ..kv import KVTransferParams
+from ..kv import KVTransferParams, PhaseRequest, decode_request, prefill_request
 from ..metrics import metrics
-from ..replies import ErrorReply, JsonReply, PrefillReply, ReplicaTag
-from ..routing import POLICIES, CircuitBreaker, ReplicaLoad, RouteRequest
-from ..routing.router import ROUTERS
+from ..outcomes import Failure, Phase, RouteReason
+from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, ReplicaTag
+from ..routing import RouteRequest
 from ..settings import RoutingSettings
+from .attempts import AttemptResult, Pool, Verdict, run_attempts
+from .requests import ClientRequest
 from .trace import Trace
 
 logger = logging.getLogger("ray.serve.pdserve.phases")  # under Serve's logger: lands in the replica log
@@ -36,31 +42,11 @@ class Overloaded(Exception):
     """A pool's queue is full (Serve's max_queued_requests): the client should retry later (HTTP 429)."""
 
 
-def pool_view(deployment: str) -> dict[str, ReplicaLoad] | None:
-    """Live replicas of a pool and their loads, from its router in this process; None before its first use."""
-    router = ROUTERS.get(deployment)
-    return router.pool_view() if router is not None else None
+class DeadlineExceeded(Exception):
+    """The request's end-to-end deadline passed while it was streaming."""
 
 
-def pick(policy: str, route: RouteRequest, view: dict[str, ReplicaLoad] | None) -> str | None:
-    if not view:
-        return None
-    ranked = POLICIES[policy](route, list(view), view)
-    return ranked[0] if ranked else None
-
-
-def _replica_failed(breaker: CircuitBreaker, exclude: set[str], target: str | None) -> None:
-    """Count a failure against the replica this attempt targeted and keep the request's retries off it."""
-    if target:
-        breaker.record_failure(target)
-        exclude.add(target)
-
-
-async def _await(response):
-    return await response
-
-
-class _InFlight:
+class InFlight:
     """Requests a phase has in flight, published as ``pdserve_inflight_requests{pool}``."""
 
     def __init__(self, model: str, pool: str):
@@ -79,132 +65,162 @@ class _InFlight:
         metrics().inflight.set(self.count, tags=self.tags)
 
 
+async def _await(response):
+    return await response
+
+
 class PrefillPhase:
-    def __init__(self, handle: DeploymentHandle, deployment: str, settings: RoutingSettings, model: str):
-        self.handle = handle
-        self.deployment = deployment
-        self.inflight = _InFlight(model, "prefill")
-        self.settings = settings
-        self.breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s)
+    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
+        self.handle, self.pool, self.settings = handle, pool, settings
+        self.inflight = InFlight(model, "prefill")
+        self.tokens_per_s = settings.prefill_tokens_per_s  # the pool's measured prefill speed (EWMA)
 
-    def live_loads(self) -> list[ReplicaLoad] | None:
-        view = pool_view(self.deployment)
-        if view is None:
-            return None
-        excluded = self.breaker.excluded()
-        return [load for rid, load in view.items() if rid not in excluded]
+    def deadline_s(self, route: RouteRequest) -> float:
+        """How long one attempt may take: this prompt plus the target's queued prompt tokens at the measured
+        speed, with headroom, plus a fixed allowance; at most ``prefill_timeout_s``."""
+        view = self.pool.view() or {}
+        load = view.get(route.target) if route.target else None
+        queued = load.num_outstanding_prompt_tokens if load else 0
+        s = self.settings
+        expected_s = (route.num_prompt_tokens + queued) / self.tokens_per_s
+        return min(s.prefill_timeout_s, s.prefill_deadline_base_s + s.prefill_deadline_factor * expected_s)
 
-    async def run(self, endpoint: str, body: dict, route: RouteRequest, trace: Trace) -> PrefillReply | ErrorReply | None:
-        """The KV hand-off, a client error (4xx), or None: prefill failed everywhere or its queue is full,
-        so the decode replica prefills locally."""
+    def _measured(self, reply: PrefillReply) -> None:
+        took_s = reply.finished_at - reply.started_at
+        if reply.num_prompt_tokens > 0 and took_s > 0:
+            self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * (reply.num_prompt_tokens / took_s)
+
+    async def run(self, req: ClientRequest, route: RouteRequest, trace: Trace) -> PrefillReply | RouteReason:
+        """The KV hand-off, or why the decode replica must prefill locally instead."""
+        phase_req = prefill_request(req.endpoint, req.body)
         with self.inflight:
-            return await self._run(endpoint, body, route, trace)
+            result = await run_attempts(self.pool, Phase.PREFILL, self.settings.num_prefill_attempts, route, trace,
+                                        lambda attempt: self._attempt(phase_req, attempt, trace))
+        if result is not None and result.verdict is Verdict.DONE:
+            return result.value
+        if result is not None and result.failure is Failure.PREFILL_BACKPRESSURE:
+            return RouteReason.PREFILL_BACKPRESSURE
+        if result is not None and result.failure is Failure.PREFILL_REFUSED:
+            return RouteReason.PREFILL_REFUSED
+        return RouteReason.PREFILL_FAILED
 
-    async def _run(self, endpoint: str, body: dict, route: RouteRequest, trace: Trace) -> PrefillReply | ErrorReply | None:
-        exclude = set(self.breaker.excluded())
-        for _ in range(self.settings.num_prefill_attempts):
-            attempt = replace(route, exclude=frozenset(exclude))
-            target = pick(self.settings.prefill_policy, attempt, pool_view(self.deployment))
-            attempt = replace(attempt, target=target)
-            trace.num_prefill_attempts += 1
-            response = self.handle.prefill.remote(endpoint, body, route=attempt)
-            try:
-                reply = await asyncio.wait_for(_await(response), self.settings.prefill_timeout_s)
-            except asyncio.CancelledError:  # the client left: abort the prefill too
-                response.cancel()
-                raise
-            except BackPressureError:
-                trace.fallbacks.append("prefill_backpressure")  # prefill pool full: the decode replica prefills
-                return None
-            except (RayError, asyncio.TimeoutError) as exc:
-                response.cancel()
-                failure = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-                logger.warning("%s: prefill on %s failed (%s)", trace.request_id, target, failure)
-                trace.fallbacks.append(f"prefill_{failure}")
-                _replica_failed(self.breaker, exclude, target)
-                continue
-            if isinstance(reply, ErrorReply):
-                if reply.status < 500:
-                    return reply  # the client's request is invalid: no retry
-                trace.fallbacks.append("prefill_error")
-                _replica_failed(self.breaker, exclude, target)
-                continue
-            self.breaker.record_success(reply.prefill_replica)
-            trace.prefill_replica, trace.kv_bytes = reply.prefill_replica, reply.kv_bytes
-            trace.prefill_started_at, trace.prefill_finished_at = reply.started_at, reply.finished_at
-            trace.prefill_received_at = time.time()
+    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[PrefillReply]:
+        timeout_s = min(self.deadline_s(route), trace.remaining_s())
+        response = self.handle.prefill.remote(req, route=route)
+        try:
+            reply = await asyncio.wait_for(_await(response), timeout_s)
+        except asyncio.CancelledError:  # the client left: abort the prefill too
+            response.cancel()
+            raise
+        except BackPressureError:  # the prefill pool is full: the decode replica prefills
+            return AttemptResult(Verdict.STOP, failure=Failure.PREFILL_BACKPRESSURE)
+        except asyncio.TimeoutError:
+            response.cancel()
+            return await self._timed_out(route, trace, timeout_s)
+        except RayError as exc:
+            response.cancel()
+            logger.warning("%s: prefill on %s failed: %r", trace.request_id, route.target, exc)
+            return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_REPLICA_DIED, replica_at_fault=True)
+        if isinstance(reply, ErrorReply):
+            if reply.status < 500:  # the prefill-only copy was refused: let the decode engine judge the request
+                return AttemptResult(Verdict.STOP, failure=Failure.PREFILL_REFUSED)
+            logger.warning("%s: prefill on %s answered %d: %s", trace.request_id, route.target, reply.status,
+                           reply.message)
+            return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True)
+        try:
             KVTransferParams.model_validate(reply.kv_transfer_params)  # a malformed hand-off fails here
-            return reply
-        return None
+        except ValidationError as exc:
+            logger.warning("%s: prefill on %s returned a malformed hand-off: %s", trace.request_id, route.target, exc)
+            return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True,
+                                 replica=reply.prefill_replica)
+        self._measured(reply)
+        trace.prefill_replica, trace.kv_bytes = reply.prefill_replica, reply.kv_bytes
+        trace.prefill_started_at, trace.prefill_finished_at = reply.started_at, reply.finished_at
+        trace.prefill_received_at = time.time()
+        return AttemptResult(Verdict.DONE, value=reply, replica=reply.prefill_replica)
+
+    async def _timed_out(self, route: RouteRequest, trace: Trace, timeout_s: float) -> AttemptResult[PrefillReply]:
+        if trace.remaining_s() <= 0:
+            return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
+        held = await self.pool.probe(route.target, self.settings.replica_probe_timeout_s) if route.target else None
+        logger.warning("%s: prefill on %s past its %.1f s deadline; probe: %s", trace.request_id, route.target,
+                       timeout_s, "no answer" if held is None else f"{held} request(s) held")
+        if held is not None and held > 1:  # alive, with other work ahead of ours: queueing
+            return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_QUEUED)
+        return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_TIMEOUT, replica_at_fault=route.target is not None)
+
+
+@dataclass
+class DecodeStream:
+    """A decode attempt that produced its first reply: the rest follows from ``rest``."""
+
+    first: JsonReply | str
+    rest: Any  # the Serve streaming response
 
 
 class DecodePhase:
-    def __init__(self, handle: DeploymentHandle, deployment: str, settings: RoutingSettings, model: str,
-                 timeout_s: float):
-        self.handle = handle.options(stream=True)
-        self.deployment = deployment
-        self.inflight = _InFlight(model, "decode")
-        self.settings = settings
-        self.timeout_s = timeout_s
-        self.breaker = CircuitBreaker(settings.breaker_failure_threshold, settings.breaker_cooldown_s)
+    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
+        self.handle, self.pool, self.settings = handle, pool, settings
+        self.inflight = InFlight(model, "decode")
 
-    async def run(
-        self, endpoint: str, body: dict, handoff: PrefillReply | None, route: RouteRequest, trace: Trace,
-        prefill_breaker: CircuitBreaker | None,
-    ) -> AsyncIterator[JsonReply | ErrorReply | str]:
-        with self.inflight:
-            async for item in self._run(endpoint, body, handoff, route, trace, prefill_breaker):
+    async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
+                    trace: Trace) -> DecodeStream | HandoffFailed | ErrorReply:
+        """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
+        kv = KVTransferParams.model_validate(handoff.kv_transfer_params).for_decode() if handoff else None
+        phase_req = decode_request(req.endpoint, req.body, kv, handoff.kv_expires_at if handoff else None)
+        result = await run_attempts(self.pool, Phase.DECODE, self.settings.num_decode_attempts, route, trace,
+                                    lambda attempt: self._attempt(phase_req, attempt, trace))
+        if result is not None and result.value is not None:
+            return result.value
+        if result is not None and result.failure is Failure.DEADLINE_EXCEEDED:
+            return ErrorReply(504, f"request deadline of {trace.timeout_s:.0f} s exceeded", "Timeout")
+        return ErrorReply(503, f"no decode replica could serve the request after {trace.attempts[Phase.DECODE]} "
+                               f"attempt(s)", "ServiceUnavailable")
+
+    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
+        stream = self.handle.generate.remote(req, route=route)
+        try:
+            tag = await asyncio.wait_for(anext(stream), trace.remaining_s())
+            first = await asyncio.wait_for(anext(stream), trace.remaining_s())
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        except BackPressureError as exc:
+            raise Overloaded(str(exc)) from None
+        except asyncio.TimeoutError:  # the request's own deadline: no replica's fault
+            stream.cancel()
+            return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
+        except (RayError, StopAsyncIteration) as exc:
+            stream.cancel()
+            logger.warning("%s: decode on %s failed before its first reply: %r", trace.request_id, route.target, exc)
+            return AttemptResult(Verdict.RETRY, failure=Failure.DECODE_REPLICA_DIED, replica_at_fault=True)
+        assert isinstance(tag, ReplicaTag), tag
+        trace.decode_replica, trace.decode_started_at = tag.replica, tag.started_at
+        if isinstance(first, HandoffFailed):  # nothing ran on the engine; serve_request decides what follows
+            stream.cancel()
+            return AttemptResult(Verdict.STOP, value=first, replica=tag.replica)
+        if isinstance(first, ErrorReply):
+            stream.cancel()
+            if first.status < 500:
+                return AttemptResult(Verdict.REFUSED, value=first, replica=tag.replica)
+            logger.warning("%s: decode on %s answered %d: %s", trace.request_id, tag.replica, first.status,
+                           first.message)
+            return AttemptResult(Verdict.RETRY, failure=Failure.DECODE_ERROR, replica_at_fault=True,
+                                 replica=tag.replica)
+        return AttemptResult(Verdict.DONE, value=DecodeStream(first, stream), replica=tag.replica)
+
+    async def relay(self, started: DecodeStream, trace: Trace) -> AsyncIterator[JsonReply | str]:
+        """The first reply, then the rest of the stream, all within the request's end-to-end deadline."""
+        try:
+            yield started.first
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(started.rest), trace.remaining_s())
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)
+                    raise DeadlineExceeded(f"request deadline of {trace.timeout_s:.0f} s exceeded") from None
                 yield item
-
-    async def _run(self, endpoint, body, handoff, route, trace, prefill_breaker):
-        exclude = set(self.breaker.excluded())
-        attempts_left = self.settings.num_decode_attempts
-        while attempts_left > 0:
-            attempts_left -= 1
-            attempt = replace(route, exclude=frozenset(exclude))
-            target = pick(self.settings.decode_policy, attempt, pool_view(self.deployment))
-            attempt = replace(attempt, target=target)
-            trace.num_decode_attempts += 1
-            kv_params = KVTransferParams.model_validate(handoff.kv_transfer_params).for_decode() if handoff else None
-            stream = self.handle.generate.remote(endpoint, body, kv_params, route=attempt)
-            try:
-                tag = await asyncio.wait_for(anext(stream), self.timeout_s)
-                first = await asyncio.wait_for(anext(stream), self.timeout_s)
-            except asyncio.CancelledError:
-                stream.cancel()
-                raise
-            except BackPressureError as exc:
-                raise Overloaded(str(exc)) from None
-            except (RayError, asyncio.TimeoutError, StopAsyncIteration) as exc:
-                stream.cancel()
-                failure = "timeout" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
-                logger.warning("%s: decode on %s failed before its first reply (%s)", trace.request_id, target, failure)
-                trace.fallbacks.append(f"decode_{failure}")
-                _replica_failed(self.breaker, exclude, target)
-                continue
-            assert isinstance(tag, ReplicaTag), tag
-            trace.decode_replica, trace.decode_started_at = tag.replica, tag.started_at
-            if isinstance(first, ErrorReply) and first.type == "KVTransferTimeout" and handoff is not None:
-                # The prefill replica holding the KV is frozen or unreachable: prefill on a decode replica.
-                stream.cancel()
-                if prefill_breaker is not None:
-                    prefill_breaker.record_failure(handoff.prefill_replica)
-                trace.fallbacks.append("kv_pull_timeout")
-                trace.route, trace.reason, handoff = "local_prefill", "kv_pull_failed", None
-                trace.clear_prefill()
-                attempts_left += 1  # the decode replica did nothing wrong
-                continue
-            self.breaker.record_success(tag.replica)
-            try:
-                yield first
-                while True:  # each chunk within the request deadline: a frozen replica cannot hang the client
-                    try:
-                        item = await asyncio.wait_for(anext(stream), self.timeout_s)
-                    except StopAsyncIteration:
-                        return
-                    yield item
-            finally:
-                stream.cancel()  # no-op when finished; aborts the engine request when the client left early
-            return
-        yield ErrorReply(503, f"no decode replica could serve the request after {trace.num_decode_attempts} "
-                              f"attempt(s): {', '.join(trace.fallbacks)}", "ServiceUnavailable")
+        finally:
+            started.rest.cancel()  # no-op when finished; aborts the engine request when the client left early

@@ -16,18 +16,20 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from ..outcomes import Failure, Phase, Route, RouteReason
+
 
 @dataclass
 class Trace:
     request_id: str
     model: str
-    route: str = "colocated"
-    reason: str = ""
+    timeout_s: float = 600.0  # the end-to-end deadline, from arrival
+    route: Route = Route.COLOCATED
+    reason: RouteReason = RouteReason.COLOCATED_MODE
     prefill_replica: str | None = None
     decode_replica: str | None = None
-    num_prefill_attempts: int = 0
-    num_decode_attempts: int = 0
-    fallbacks: list[str] = field(default_factory=list)
+    attempts: dict[Phase, int] = field(default_factory=lambda: dict.fromkeys(Phase, 0))
+    fallbacks: list[Failure] = field(default_factory=list)
     arrived_at: float = field(default_factory=time.time)
     prefill_started_at: float | None = None
     prefill_finished_at: float | None = None
@@ -39,24 +41,29 @@ class Trace:
     token_gaps_s: list[float] = field(default_factory=list)
     engine_mean_itl_s: float | None = None  # non-streaming: the decode engine's own mean inter-token latency
 
-    def clear_prefill(self) -> None:
-        """The hand-off was abandoned: the request is prefilled locally after all."""
+    def remaining_s(self) -> float:
+        """Seconds left before the request's end-to-end deadline."""
+        return self.arrived_at + self.timeout_s - time.time()
+
+    def prefill_locally(self, reason: RouteReason) -> None:
+        """The prompt is prefilled on the decode replica: from the start, or after the hand-off was abandoned."""
+        self.route, self.reason = Route.LOCAL_PREFILL, reason
         self.prefill_started_at = self.prefill_finished_at = self.prefill_received_at = None
         self.prefill_replica, self.kv_bytes = None, 0
 
     @property
     def num_retries(self) -> int:
-        return max(0, self.num_prefill_attempts - 1) + max(0, self.num_decode_attempts - 1)
+        return sum(max(0, n - 1) for n in self.attempts.values())
 
     def headers(self) -> dict[str, str]:
-        h = {"x-pdserve-request-id": self.request_id, "x-pdserve-route": self.route,
-             "x-pdserve-route-reason": self.reason, "x-pdserve-retries": str(self.num_retries)}
+        h = {"x-pdserve-request-id": self.request_id, "x-pdserve-route": str(self.route),
+             "x-pdserve-route-reason": str(self.reason), "x-pdserve-retries": str(self.num_retries)}
         if self.prefill_replica:
             h["x-pdserve-prefill-replica"] = self.prefill_replica
         if self.decode_replica:
             h["x-pdserve-decode-replica"] = self.decode_replica
         if self.fallbacks:
-            h["x-pdserve-fallback"] = ",".join(self.fallbacks)
+            h["x-pdserve-fallback"] = ",".join(map(str, self.fallbacks))
         return h
 
     def breakdown(self) -> dict[str, float]:
@@ -82,7 +89,7 @@ class Trace:
 
     def timing(self) -> dict:
         """The breakdown plus who served the request: what clients get and what the log line says."""
-        return self.breakdown() | {"route": self.route, "prefill_replica": self.prefill_replica,
+        return self.breakdown() | {"route": str(self.route), "prefill_replica": self.prefill_replica,
                                    "decode_replica": self.decode_replica, "kv_bytes": self.kv_bytes}
 
     def timing_header(self) -> str:

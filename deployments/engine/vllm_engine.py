@@ -20,7 +20,9 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from ..replies import EngineStats, ErrorReply, JsonReply
+from ..kv import PhaseRequest, internal_fields_in
+from ..outcomes import Failure
+from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply
 from ..settings import EngineSettings, KVConnectorSettings
 
 logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
@@ -28,8 +30,6 @@ logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: 
 Role = Literal["prefill", "decode", "colocated"]
 Endpoint = Literal["chat", "completions"]
 _KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
-# Client fields that only pdserve itself may set.
-_INTERNAL_FIELDS = frozenset({"kv_transfer_params"})
 
 
 @dataclass
@@ -166,9 +166,12 @@ class VLLMEngine:
         """Parse a client body into vLLM's request model, or return an ``ErrorReply`` (HTTP 4xx)."""
         model_cls = self._request_models[endpoint]
         known = set(model_cls.model_fields) | {f.alias for f in model_cls.model_fields.values() if f.alias}
-        unknown = sorted((set(body) - known) | (set(body) & _INTERNAL_FIELDS))
+        unknown = sorted(set(body) - known)
         if unknown:
             return ErrorReply(400, f"unknown or unsupported field(s): {', '.join(unknown)}", param=unknown[0])
+        internal = internal_fields_in(body)  # the ingress refuses these already; an engine never trusts them
+        if internal:
+            return ErrorReply(400, f"field(s) reserved for the server: {', '.join(internal)}", param=internal[0])
         try:
             request = model_cls.model_validate(body)
         except ValidationError as exc:
@@ -183,31 +186,22 @@ class VLLMEngine:
             )
         return request
 
-    async def generate(
-        self, endpoint: Endpoint, body: dict, kv_transfer_params: dict | None = None, prefill_only: bool = False
-    ) -> AsyncIterator[JsonReply | ErrorReply | str]:
+    async def generate(self, req: PhaseRequest) -> AsyncIterator[JsonReply | ErrorReply | HandoffFailed | str]:
         """Run one request; yields one JsonReply/ErrorReply, or SSE strings when the client asked to stream.
 
-        ``prefill_only``: compute the prompt's KV for a remote decode engine (max_tokens=1, no streaming).
-        ``kv_transfer_params``: the hand-off from a prefill engine; this engine pulls the KV instead of
-        recomputing the prompt.
+        ``req.kv_transfer_params``: for a prefill-only request (shaped by ``kv.prefill_request``), produce the
+        prompt's KV for a remote decode engine; for a decode request, the hand-off: pull the KV instead of
+        recomputing the prompt. A pull that misses its deadline yields ``HandoffFailed`` (nothing sent yet).
         """
-        request = self.validate(endpoint, body)
+        request = self.validate(req.endpoint, req.body)
         if isinstance(request, ErrorReply):
             yield request
             return
-        if prefill_only:
-            request.max_tokens = 1
-            if hasattr(request, "max_completion_tokens"):
-                request.max_completion_tokens = None
-            request.stream = False
-            request.stream_options = None
-            request.kv_transfer_params = kv_transfer_params
-        elif kv_transfer_params is not None:
-            request.kv_transfer_params = kv_transfer_params
+        if req.kv_transfer_params is not None:
+            request.kv_transfer_params = req.kv_transfer_params
         request.request_id = request_id = uuid.uuid4().hex
-        serving = self._serving[endpoint]
-        create = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
+        serving = self._serving[req.endpoint]
+        create = serving.create_chat_completion if req.endpoint == "chat" else serving.create_completion
         try:
             result = await create(request, raw_request=None)
         except Exception as exc:  # vLLM raises ValueError / VLLMClientError for bad input
@@ -216,13 +210,13 @@ class VLLMEngine:
             first = True
             async for chunk in result:
                 if first and self._pull_timed_out(request_id):
-                    yield self._pull_timeout_reply()
+                    yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
                     return
                 first = False
                 yield chunk
             return
         if self._pull_timed_out(request_id):
-            yield self._pull_timeout_reply()
+            yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
             return
         payload = result.model_dump(mode="json", exclude_none=False)
         if "error" in payload and "choices" not in payload:
@@ -236,10 +230,6 @@ class VLLMEngine:
         hits = {r for r in self._client.timed_out if request_id in r}
         self._client.timed_out -= hits
         return bool(hits)
-
-    def _pull_timeout_reply(self) -> ErrorReply:
-        return ErrorReply(504, f"KV pull from the prefill engine timed out after {self.spec.kv_pull_timeout_s:.0f} s",
-                          "KVTransferTimeout")
 
     def load(self) -> dict:
         """The engine's own queue and KV gauges, for routing."""

@@ -1,3 +1,13 @@
-from .params import KVTransferParams, prefill_request_params
+from .params import KVTransferParams
+from .protocol import (
+    INTERNAL_FIELDS,
+    PhaseRequest,
+    decode_request,
+    handoff_usable,
+    internal_fields_in,
+    not_transferable,
+    prefill_request,
+)
 
-__all__ = ["KVTransferParams", "prefill_request_params"]
+__all__ = ["INTERNAL_FIELDS", "KVTransferParams", "PhaseRequest", "decode_request", "handoff_usable", "internal_fields_in",
+           "not_transferable", "prefill_request"]

@@ -10,11 +10,6 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def prefill_request_params() -> dict:
-    """``kv_transfer_params`` of a prefill request: produce KV for a remote decode engine."""
-    return {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None}
-
-
 class KVTransferParams(BaseModel):
     """The hand-off returned by a prefill engine. Keys this model does not name (connector-specific ones
     that newer vLLM versions add) are carried through unchanged."""

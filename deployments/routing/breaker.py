@@ -1,17 +1,34 @@
-"""Circuit breaker per replica: a replica that keeps failing is taken out of rotation, then probed back."""
+"""Circuit breaker per replica: a replica that keeps failing is taken out of rotation, then probed back.
+
+    CLOSED ──threshold failures──▶ OPEN ──cooldown over──▶ (available) ──an attempt targets it──▶ HALF_OPEN
+      ▲                                                                                            │
+      └──────────────────────────────── success ◀──────────────────────────────────────────────────┤
+                                        failure: OPEN for another cooldown ◀───────────────────────┘
+
+Reading which replicas are out (``excluded``) changes nothing; only an attempt that really targets a replica
+(``on_attempt``) takes its half-open probe slot, so a replica whose cooldown ended comes back even while
+other replicas are healthy and win every ranking.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
+
+
+class BreakerState(Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
 
 @dataclass
-class _State:
+class _Replica:
+    state: BreakerState = BreakerState.CLOSED
     consecutive_failures: int = 0
-    open_until: float = 0.0
-    probe_until: float = 0.0  # a probe request is in flight until then
+    until: float = 0.0  # OPEN: end of the cooldown; HALF_OPEN: end of the probe's slot
 
 
 class CircuitBreaker:
@@ -19,29 +36,33 @@ class CircuitBreaker:
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
         self._clock = clock
-        self._states: dict[str, _State] = {}
+        self._replicas: dict[str, _Replica] = {}
+
+    def state(self, replica: str) -> BreakerState:
+        r = self._replicas.get(replica)
+        return r.state if r else BreakerState.CLOSED
 
     def record_success(self, replica: str) -> None:
-        self._states.pop(replica, None)
+        self._replicas.pop(replica, None)
 
     def record_failure(self, replica: str) -> None:
-        state = self._states.setdefault(replica, _State())
-        state.consecutive_failures += 1
-        state.probe_until = 0.0
-        if state.consecutive_failures >= self.failure_threshold:
-            state.open_until = self._clock() + self.cooldown_s
+        r = self._replicas.setdefault(replica, _Replica())
+        r.consecutive_failures += 1
+        if r.state is BreakerState.HALF_OPEN or r.consecutive_failures >= self.failure_threshold:
+            r.state, r.until = BreakerState.OPEN, self._clock() + self.cooldown_s
+
+    def on_attempt(self, replica: str) -> None:
+        """An attempt targets ``replica`` now: if its cooldown is over, this attempt is its probe."""
+        r = self._replicas.get(replica)
+        if r is not None and r.state is not BreakerState.CLOSED and r.until <= self._clock():
+            r.state, r.until = BreakerState.HALF_OPEN, self._clock() + self.cooldown_s
 
     def excluded(self) -> frozenset[str]:
-        """Replicas out of rotation now. After the cooldown one request may probe a replica (half-open):
-        success closes the breaker, failure opens it for another cooldown."""
-        now, out = self._clock(), set()
-        for replica, state in self._states.items():
-            if state.open_until > now or state.probe_until > now:
-                out.add(replica)
-            elif state.open_until:
-                state.probe_until = now + self.cooldown_s  # this caller is the probe; others wait for it
-        return frozenset(out)
+        """Replicas out of rotation now: open and cooling down, or half-open with their probe in flight.
+        A probe that never reports back frees its slot after another cooldown."""
+        now = self._clock()
+        return frozenset(rid for rid, r in self._replicas.items() if r.state is not BreakerState.CLOSED and r.until > now)
 
     def is_open(self, replica: str) -> bool:
-        state = self._states.get(replica)
-        return bool(state and state.open_until > self._clock())
+        r = self._replicas.get(replica)
+        return bool(r and r.state is BreakerState.OPEN and r.until > self._clock())

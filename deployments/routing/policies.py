@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..outcomes import Route, RouteReason
+
 PolicyName = Literal["round_robin", "least_loaded", "prefix_affinity"]
 # Characters of the prompt that make up its affinity key: requests sharing this prefix share KV blocks.
 PREFIX_KEY_CHARS = 512
@@ -49,25 +51,6 @@ class RouteRequest:
 
 def prefix_key(text: str) -> str:
     return hashlib.blake2b(text[:PREFIX_KEY_CHARS].encode(), digest_size=8).hexdigest()
-
-
-def estimate_prompt_tokens(body: dict) -> int:
-    """~4 characters per token for English text: good enough to tell a 20-token prompt from a 2,000-token one."""
-    return max(1, len(prompt_text(body)) // 4)
-
-
-def prompt_text(body: dict) -> str:
-    if "messages" in body and isinstance(body["messages"], list):
-        parts = []
-        for m in body["messages"]:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts += [p.get("text", "") for p in content if isinstance(p, dict)]
-        return "\n".join(parts)
-    prompt = body.get("prompt", "")
-    return prompt if isinstance(prompt, str) else str(prompt)
 
 
 def _eligible(candidates: Sequence[str], request: RouteRequest) -> list[str]:
@@ -113,8 +96,8 @@ POLICIES: dict[str, Callable[[RouteRequest, Sequence[str], dict[str, ReplicaLoad
 class Decision:
     """Whether to prefill on a prefill replica (and hand the KV to decode) or on the decode replica itself."""
 
-    route: Literal["disaggregated", "local_prefill"]
-    reason: str
+    route: Route
+    reason: RouteReason
 
 
 def decide_prefill(
@@ -126,9 +109,9 @@ def decide_prefill(
     """Conditional disaggregation: a remote prefill pays a KV transfer; it is worth it for long prompts only,
     and only while the prefill pool is alive and not overloaded."""
     if not prefill_loads:
-        return Decision("local_prefill", "prefill_unavailable")
+        return Decision(Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE)
     if num_prompt_tokens < min_remote_prefill_tokens:
-        return Decision("local_prefill", "short_prompt")
+        return Decision(Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT)
     if min(load.num_waiting for load in prefill_loads) > max_prefill_waiting:
-        return Decision("local_prefill", "prefill_overloaded")
-    return Decision("disaggregated", "long_prompt")
+        return Decision(Route.LOCAL_PREFILL, RouteReason.PREFILL_OVERLOADED)
+    return Decision(Route.DISAGGREGATED, RouteReason.LONG_PROMPT)

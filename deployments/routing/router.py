@@ -9,6 +9,8 @@ that the ingress, which owns them, can read the pool's live view for its own dec
 
 from __future__ import annotations
 
+import asyncio
+
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from .policies import POLICIES, ReplicaLoad, RouteRequest
@@ -25,6 +27,17 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
     def pool_view(self) -> dict[str, ReplicaLoad]:
         """Live replicas of this pool and their last reported load."""
         return {rid.unique_id: ReplicaLoad.from_stats(r.routing_stats) for rid, r in self.curr_replicas.items()}
+
+    async def probe(self, replica: str, timeout_s: float) -> int | None:
+        """Ask one replica directly (an actor call, past Serve's queues) how many requests it holds; None if it
+        does not answer within ``timeout_s`` (frozen, cut off, or gone)."""
+        for rid, running in self.curr_replicas.items():
+            if rid.unique_id == replica:
+                try:
+                    return await asyncio.wait_for(running.get_queue_len(deadline_s=timeout_s), timeout_s)
+                except Exception:  # timeout, actor died, ...: no answer
+                    return None
+        return None
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

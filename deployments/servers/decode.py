@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from ..kv import PhaseRequest, handoff_usable
 from ..metrics import metrics
-from ..replies import ErrorReply, JsonReply, ReplicaTag
+from ..outcomes import Failure
+from ..replies import ErrorReply, HandoffFailed, JsonReply, ReplicaTag
 from ..routing import RouteRequest
 from .base import EngineServer
 
@@ -20,11 +22,18 @@ from .base import EngineServer
 @serve.deployment(name="DecodeServer")
 class DecodeServer(EngineServer):
     async def generate(
-        self, endpoint: str, body: dict, kv_transfer_params: dict | None = None, route: RouteRequest | None = None
-    ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | str]:
-        """First a ``ReplicaTag`` (who serves the request), then the engine's reply."""
+        self, req: PhaseRequest, route: RouteRequest | None = None
+    ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | HandoffFailed | str]:
+        """First a ``ReplicaTag`` (who serves the request), then the engine's reply.
+
+        A hand-off whose lease would run out before a pull could finish (the request waited, or was retried
+        late) is not used: the prefill engine may already have reused those blocks."""
         yield ReplicaTag(self.replica, time.time())
-        async for item in self.engine.generate(endpoint, body, kv_transfer_params):
-            if isinstance(item, ErrorReply) and item.type == "KVTransferTimeout":
-                metrics().kv_transfer_failures.inc(tags={"model": self.engine.spec.served_model_name})
+        spec = self.engine.spec
+        if not handoff_usable(req.kv_expires_at, time.time(), spec.kv_pull_timeout_s):
+            yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
+            return
+        async for item in self.engine.generate(req):
+            if isinstance(item, HandoffFailed):
+                metrics().kv_transfer_failures.inc(tags={"model": spec.served_model_name})
             yield item

@@ -1,0 +1,97 @@
+"""One attempt executor for both phases: which replica to try next, what to record, when to stop.
+
+The phase passes in what one attempt does and how its result reads (an ``AttemptResult``); the executor owns
+the rest: replica choice (never a replica this request already failed on, never one the breaker holds out),
+the breaker's half-open probe slot, the attempt count and the failures recorded on the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Generic, TypeVar
+
+from ..outcomes import Failure, Phase
+from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest
+from ..routing.policies import POLICIES
+from .trace import Trace
+
+T = TypeVar("T")
+
+
+class Verdict(Enum):
+    DONE = "done"  # the replica served the attempt: stop
+    REFUSED = "refused"  # the request itself is invalid (4xx): stop, the replica did nothing wrong
+    RETRY = "retry"  # try another replica
+    STOP = "stop"  # stop without a result (pool full, deadline passed): the caller falls back
+
+
+@dataclass(frozen=True)
+class AttemptResult(Generic[T]):
+    verdict: Verdict
+    value: T | None = None
+    failure: Failure | None = None  # recorded on the trace (x-pdserve-fallback, pdserve_fallbacks_total)
+    replica_at_fault: bool = False  # counted by the circuit breaker
+    replica: str | None = None  # the replica that answered, where the router chose it
+
+
+class Pool:
+    """A pool of engine replicas as the ingress sees it: live view, policy, breaker, and a liveness probe.
+
+    ``view`` returns the live replicas and their loads (None before the pool's router exists in this process);
+    ``probe`` asks one replica directly, past Serve's queues, how many requests it holds (None: no answer).
+    """
+
+    def __init__(self, name: str, policy: str, breaker: CircuitBreaker,
+                 view: Callable[[], dict[str, ReplicaLoad] | None],
+                 probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool):
+        self.name, self.policy, self.breaker = name, policy, breaker
+        self.view, self.probe = view, probe
+        self.untargeted_fallback = untargeted_fallback  # every replica excluded: let the router try anyway
+
+    def live_loads(self) -> list[ReplicaLoad] | None:
+        view = self.view()
+        if view is None:
+            return None
+        excluded = self.breaker.excluded()
+        return [load for rid, load in view.items() if rid not in excluded]
+
+    def choose(self, route: RouteRequest, exclude: set[str]) -> tuple[bool, str | None]:
+        """(go, target): whether to attempt at all, and on which replica (None: the router chooses)."""
+        view = self.view()
+        if view is None:  # no routing data yet in this process: Serve's router picks
+            return True, None
+        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), view)
+        if ranked:
+            return True, ranked[0]
+        return self.untargeted_fallback, None
+
+
+async def run_attempts(pool: Pool, phase: Phase, num_attempts: int, route: RouteRequest, trace: Trace,
+                       attempt: Callable[[RouteRequest], Awaitable[AttemptResult[T]]]) -> AttemptResult[T] | None:
+    """Up to ``num_attempts`` attempts on distinct replicas. None: no attempt succeeded or none was possible."""
+    exclude = set(pool.breaker.excluded())
+    for _ in range(num_attempts):
+        if trace.remaining_s() <= 0:
+            trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)
+            return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
+        go, target = pool.choose(route, exclude)
+        if not go:
+            return None
+        if target is not None:
+            pool.breaker.on_attempt(target)
+        trace.attempts[phase] += 1
+        result = await attempt(replace(route, exclude=frozenset(exclude), target=target))
+        if result.failure is not None:
+            trace.fallbacks.append(result.failure)
+        target = target or result.replica
+        if target is not None:
+            if result.verdict in (Verdict.DONE, Verdict.REFUSED):
+                pool.breaker.record_success(target)
+            elif result.replica_at_fault:
+                pool.breaker.record_failure(target)
+            exclude.add(target)
+        if result.verdict is not Verdict.RETRY:
+            return result
+    return None

@@ -1,0 +1,186 @@
+"""Fakes for fast tests of the request path: a fake pool of replicas that answer, raise, stall or push back on
+script, behind the same handle calls the ingress makes on Serve (``handle.prefill.remote``,
+``handle.options(stream=True).generate.remote``). No Ray cluster, no engine: retry, fallback, breaker, deadline
+and lease rules run in milliseconds. The real-cluster tests (``test_e2e_*``) check the same rules on real parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+
+from deployments.api.ingress import Ingress
+from deployments.outcomes import Failure
+from deployments.replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, ReplicaTag
+from deployments.routing import ReplicaLoad
+from deployments.settings import PDServeSettings
+
+# What a fake replica does with a call, by name: see FakePool.script.
+OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM = (
+    "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream")
+
+
+class FakePool:
+    """Replicas by id, each with a script: a list of behaviours consumed one per call (the last one repeats)."""
+
+    def __init__(self, replicas: list[str], loads: dict[str, ReplicaLoad] | None = None):
+        self.replicas = list(replicas)
+        self.loads = loads or {}
+        self.script: dict[str, list[str]] = {r: [OK] for r in replicas}
+        self.calls: list[tuple[str, object]] = []  # (replica, the PhaseRequest it got)
+        self.probe_answers: dict[str, int | None] = {}  # replica -> requests held; None: silent (frozen)
+        self.probes: list[str] = []
+        self.cancelled = 0
+
+    def behaviour(self, replica: str) -> str:
+        steps = self.script[replica]
+        return steps.pop(0) if len(steps) > 1 else steps[0]
+
+    def view(self) -> dict[str, ReplicaLoad]:
+        return {r: self.loads.get(r, ReplicaLoad()) for r in self.replicas}
+
+    async def probe(self, replica: str, timeout_s: float) -> int | None:
+        self.probes.append(replica)
+        answer = self.probe_answers.get(replica)
+        if answer is None:
+            await asyncio.sleep(timeout_s)
+        return answer
+
+    def target(self, route) -> str:
+        return route.target if route and route.target else self.replicas[0]
+
+
+class _Response:
+    """A fake unary Serve response: awaitable, cancellable."""
+
+    def __init__(self, pool: FakePool, coro):
+        self._pool, self._coro = pool, coro
+
+    def __await__(self):
+        return self._coro.__await__()
+
+    def cancel(self):
+        self._pool.cancelled += 1
+
+
+class FakePrefillHandle:
+    def __init__(self, pool: FakePool, num_prompt_tokens: int = 500, kv_lease_s: float = 30):
+        self.pool, self.num_prompt_tokens, self.kv_lease_s = pool, num_prompt_tokens, kv_lease_s
+        self.prefill = self
+
+    def remote(self, req, route=None):
+        replica = self.pool.target(route)
+        self.pool.calls.append((replica, req))
+        return _Response(self.pool, self._run(replica, self.pool.behaviour(replica)))
+
+    async def _run(self, replica: str, behaviour: str):
+        started = time.time()
+        if behaviour == STALL:
+            await asyncio.sleep(3600)
+        if behaviour == DIE:
+            raise RayError(f"The actor died unexpectedly: replica {replica} at 10.1.2.3")
+        if behaviour == BACKPRESSURE:
+            raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+        if behaviour == ERROR_5XX:
+            return ErrorReply(500, "EngineCore encountered an issue (actor 4f2a at 10.1.2.3)", "InternalServerError")
+        if behaviour == ERROR_4XX:
+            return ErrorReply(400, "min_tokens must be less than or equal to max_tokens=1")
+        finished = time.time()
+        return PrefillReply(
+            kv_transfer_params={"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": f"e-{replica}",
+                                "remote_request_id": "r1", "remote_block_ids": [1, 2], "remote_host": "127.0.0.1",
+                                "remote_port": 5600},
+            num_prompt_tokens=self.num_prompt_tokens, prefill_replica=replica, started_at=started,
+            finished_at=finished, kv_bytes=1024, kv_expires_at=finished + self.kv_lease_s)
+
+
+class _Stream:
+    """A fake streaming Serve response: an async iterator, cancellable."""
+
+    def __init__(self, pool: FakePool, agen):
+        self._pool, self._agen = pool, agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self):
+        self._pool.cancelled += 1
+
+
+class FakeDecodeHandle:
+    def __init__(self, pool: FakePool, chunks: int = 3):
+        self.pool, self.chunks = pool, chunks
+        self.generate = self
+
+    def options(self, **kwargs):
+        return self
+
+    def remote(self, req, route=None):
+        replica = self.pool.target(route)
+        self.pool.calls.append((replica, req))
+        return _Stream(self.pool, self._run(replica, self.pool.behaviour(replica), req))
+
+    async def _run(self, replica: str, behaviour: str, req):
+        if behaviour == BACKPRESSURE:
+            raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
+        if behaviour == DIE:
+            raise RayError(f"ActorDiedError: replica {replica} at 10.1.2.3")
+        yield ReplicaTag(replica, time.time())
+        if behaviour == STALL:
+            await asyncio.sleep(3600)
+        if behaviour == ERROR_5XX:
+            yield ErrorReply(500, "EngineCore encountered an issue", "InternalServerError")
+            return
+        if behaviour == ERROR_4XX:
+            yield ErrorReply(400, "This model's maximum context length is 2048 tokens")
+            return
+        if behaviour == KV_TIMEOUT and req.kv_transfer_params is not None:
+            yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
+            return
+        if req.kv_expires_at is not None and time.time() >= req.kv_expires_at:
+            yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
+            return
+        if not req.body.get("stream"):
+            yield JsonReply({"choices": [{"text": "fake"}], "served_by": replica})
+            return
+        for i in range(self.chunks):
+            yield f'data: {{"choices":[{{"text":"t{i}"}}]}}\n\n'
+            if behaviour == STALL_MID_STREAM:
+                await asyncio.sleep(3600)
+        yield "data: [DONE]\n\n"
+
+
+def fake_ingress(prefill: FakePool | None, decode: FakePool, settings: dict | None = None,
+                 prefill_handle: Callable[[FakePool], object] = FakePrefillHandle):
+    """The real ``Ingress`` class (not deployed) over fake pools."""
+    args = {"mode": "disaggregated", "prefill": {}, "decode": {}} if prefill else {"mode": "colocated", "colocated": {}}
+    args = _merge(args, settings or {})
+    cls = Ingress.func_or_class.__mro__[1]  # the class itself, under Serve's ASGI wrapper
+    ingress = cls(PDServeSettings.model_validate(args),
+                                    prefill_handle(prefill) if prefill else None, FakeDecodeHandle(decode))
+    for phase, pool in ((ingress.prefill, prefill), (ingress.decode, decode)):
+        if phase is not None:
+            phase.pool.view, phase.pool.probe = pool.view, pool.probe
+    return ingress
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def count(calls: list[tuple[str, object]]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for replica, _ in calls:
+        out[replica] += 1
+    return dict(out)

@@ -1,0 +1,284 @@
+"""The request path on fakes (tests/fakes.py): retry, fallback, breaker, deadline and lease rules in milliseconds.
+
+Each test drives the real ``Ingress.serve_request`` (not deployed) over fake prefill and decode pools whose
+replicas answer, raise, stall or push back on script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+
+from deployments.api.phases import DeadlineExceeded, Overloaded
+from deployments.api.requests import inspect
+from deployments.api.trace import Trace
+from deployments.outcomes import Failure, Route, RouteReason
+from deployments.replies import ErrorReply, JsonReply
+from deployments.routing import ReplicaLoad
+from deployments.routing.breaker import BreakerState
+from tests.fakes import (BACKPRESSURE, DIE, ERROR_4XX, ERROR_5XX, KV_TIMEOUT, OK, STALL, STALL_MID_STREAM, FakePool,
+                         count, fake_ingress)
+
+FAST = {"routing": {"prefill_deadline_base_s": 0.1, "prefill_deadline_factor": 1, "prefill_tokens_per_s": 1e6,
+                    "prefill_timeout_s": 0.3, "replica_probe_timeout_s": 0.05, "breaker_cooldown_s": 0.3,
+                    "breaker_failure_threshold": 1, "min_remote_prefill_tokens": 10, "kv_pull_timeout_s": 0.5,
+                    "kv_lease_s": 1}}
+LONG = {"prompt": "word " * 400, "max_tokens": 4}  # ~500 tokens: disaggregated
+SHORT = {"prompt": "Hi", "max_tokens": 4}
+
+
+def serve(ingress, body: dict, endpoint: str = "completions", timeout_s: float = 30):
+    """Run one request through serve_request; returns (replies, trace)."""
+    async def go():
+        trace = Trace(request_id="t", model=ingress.model_name, timeout_s=timeout_s)
+        req = inspect(endpoint, body, ingress.model_name, ingress.settings.limits, ingress.settings.engine.max_model_len)
+        assert not isinstance(req, ErrorReply), req
+        return [item async for item in ingress.serve_request(req, trace)], trace
+    return asyncio.run(go())
+
+
+def pools(num_prefill: int = 1, num_decode: int = 1):
+    return FakePool([f"p{i}" for i in range(1, num_prefill + 1)]), FakePool([f"d{i}" for i in range(1, num_decode + 1)])
+
+
+def test_long_prompt_is_disaggregated_and_the_client_body_is_not_changed():
+    prefill, decode = pools()
+    body = LONG | {"min_tokens": 2, "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}
+    before = copy.deepcopy(body)
+    replies, trace = serve(fake_ingress(prefill, decode, FAST), body)
+    assert body == before
+    assert trace.route is Route.DISAGGREGATED and trace.reason is RouteReason.LONG_PROMPT
+    [(_, prefill_req)] = prefill.calls
+    [(_, decode_req)] = decode.calls
+    assert prefill_req.body["max_tokens"] == 1 and prefill_req.prefill_only
+    assert not {"min_tokens", "logprobs", "stream", "stream_options"} & set(prefill_req.body)
+    assert decode_req.body == before and decode_req.kv_transfer_params["remote_engine_id"] == "e-p1"
+    assert decode_req.kv_expires_at is not None
+    assert replies[-1] == "data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("extra, why", [
+    ({"prompt": ["word " * 400, "List the colours"]}, "several prompts"),
+    ({"prompt": [[1, 2, 3] * 100, [4, 5]]}, "several prompts"),
+    ({"n": 2}, "n > 1"),
+    ({"use_beam_search": True, "n": 2}, "n > 1"),
+    ({"use_beam_search": True}, "beam search"),
+    ({"echo": True}, "echo"),
+    ({"prompt_logprobs": 1}, "prompt logprobs"),
+])
+def test_requests_the_handoff_cannot_carry_are_prefilled_locally(extra, why):
+    prefill, decode = pools()
+    _, trace = serve(fake_ingress(prefill, decode, FAST), LONG | extra)
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.NOT_TRANSFERABLE, why
+    assert prefill.calls == [] and decode.calls[0][1].kv_transfer_params is None
+
+
+def test_token_id_prompt_is_disaggregated():
+    prefill, decode = pools()
+    _, trace = serve(fake_ingress(prefill, decode, FAST), {"prompt": list(range(1, 300)), "max_tokens": 2})
+    assert trace.route is Route.DISAGGREGATED
+
+
+def test_frozen_prefill_costs_one_deadline_and_is_never_waited_on_twice():
+    """One prefill replica (the default), frozen: one attempt, its deadline, a probe that gets no answer, then a
+    local prefill on the decode replica: no second wait on the same replica."""
+    prefill, decode = pools()
+    prefill.script["p1"] = [STALL]
+    ingress = fake_ingress(prefill, decode, FAST)
+    t0 = time.monotonic()
+    replies, trace = serve(ingress, LONG)
+    took_s = time.monotonic() - t0
+    assert count(prefill.calls) == {"p1": 1} and prefill.probes == ["p1"]
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.PREFILL_FAILED
+    assert trace.fallbacks == [Failure.PREFILL_TIMEOUT]
+    expected_s = ingress.prefill.deadline_s(ingress.route(inspect("completions", LONG, ingress.model_name,
+                                                                  ingress.settings.limits, 2048), Trace("x", "m")))
+    assert took_s < expected_s + 0.05 + 0.3  # deadline + probe + slack
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
+    assert isinstance(replies[0], JsonReply)
+
+
+def test_prefill_deadline_grows_with_prompt_and_queue_and_is_capped():
+    prefill, decode = pools()
+    prefill.loads["p1"] = ReplicaLoad(num_outstanding_prompt_tokens=1000)
+    ingress = fake_ingress(prefill, decode, {"routing": {"prefill_tokens_per_s": 1000, "prefill_timeout_s": 60}})
+    from deployments.routing import RouteRequest
+
+    small = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=100))
+    big = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=4000))
+    queued = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=100, target="p1"))
+    assert small == pytest.approx(2.0 + 4 * 0.1) and big == pytest.approx(2.0 + 4 * 4.0)
+    assert queued == pytest.approx(2.0 + 4 * 1.1)
+    assert ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=10**6)) == 60
+
+
+def test_prefill_speed_is_measured_from_replies():
+    prefill, decode = pools()
+    ingress = fake_ingress(prefill, decode, {"routing": {"prefill_tokens_per_s": 1.0}})
+    serve(ingress, LONG)
+    assert ingress.prefill.tokens_per_s > 1.0
+
+
+def test_frozen_prefill_with_a_second_replica_goes_there():
+    prefill, decode = pools(num_prefill=2)
+    prefill.script["p1"] = [STALL]
+    prefill.loads["p2"] = ReplicaLoad(num_running=1)  # least loaded picks p1 first
+    _, trace = serve(fake_ingress(prefill, decode, FAST | {"routing": FAST["routing"] | {"prefill_policy": "least_loaded"}}),
+                     LONG)
+    assert [r for r, _ in prefill.calls] == ["p1", "p2"]
+    assert trace.route is Route.DISAGGREGATED and trace.prefill_replica == "p2"
+
+
+def test_timeout_while_queueing_is_not_a_replica_failure():
+    prefill, decode = pools()
+    prefill.script["p1"] = [STALL]
+    prefill.probe_answers["p1"] = 7  # alive, holding 7 requests: ours waited in its queue
+    ingress = fake_ingress(prefill, decode, FAST)
+    _, trace = serve(ingress, LONG)
+    assert trace.fallbacks == [Failure.PREFILL_QUEUED] and trace.route is Route.LOCAL_PREFILL
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_prefill_client_error_is_not_a_replica_failure_and_decode_judges_the_request():
+    prefill, decode = pools()
+    prefill.script["p1"] = [ERROR_4XX]
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, LONG)
+    assert isinstance(replies[0], JsonReply) and trace.route is Route.LOCAL_PREFILL
+    assert trace.fallbacks == [Failure.PREFILL_REFUSED] and count(prefill.calls) == {"p1": 1}
+    assert trace.reason is RouteReason.PREFILL_REFUSED
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize("behaviour, failure", [(ERROR_5XX, Failure.PREFILL_ERROR), (DIE, Failure.PREFILL_REPLICA_DIED)])
+def test_prefill_server_failure_retries_elsewhere_and_counts_against_the_replica(behaviour, failure):
+    prefill, decode = pools(num_prefill=2)
+    prefill.script["p1"] = [behaviour]
+    prefill.loads["p2"] = ReplicaLoad(num_running=1)
+    ingress = fake_ingress(prefill, decode, FAST | {"routing": FAST["routing"] | {"prefill_policy": "least_loaded"}})
+    _, trace = serve(ingress, LONG)
+    assert trace.fallbacks == [failure] and trace.route is Route.DISAGGREGATED and trace.prefill_replica == "p2"
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
+
+
+def test_prefill_backpressure_means_local_prefill_without_blame():
+    prefill, decode = pools()
+    prefill.script["p1"] = [BACKPRESSURE]
+    ingress = fake_ingress(prefill, decode, FAST)
+    _, trace = serve(ingress, LONG)
+    assert trace.reason is RouteReason.PREFILL_BACKPRESSURE and ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_tripped_prefill_replica_comes_back_after_cooldown_while_another_is_healthy():
+    prefill, decode = pools(num_prefill=2)
+    prefill.script["p1"] = [ERROR_5XX, OK]
+    prefill.loads["p2"] = ReplicaLoad(num_running=1)  # p1 is always the first choice
+    settings = FAST | {"routing": FAST["routing"] | {"prefill_policy": "least_loaded"}}
+    ingress = fake_ingress(prefill, decode, settings)
+    serve(ingress, LONG)
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
+    time.sleep(0.35)  # cooldown over
+    served_by = {serve(ingress, LONG)[1].prefill_replica for _ in range(4)}
+    assert "p1" in served_by and ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_decode_server_error_before_first_token_is_retried():
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [ERROR_5XX]
+    decode.loads["d2"] = ReplicaLoad(num_running=1)
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, SHORT)
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d2"
+    assert trace.fallbacks == [Failure.DECODE_ERROR] and ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
+
+
+def test_decode_replica_death_before_first_token_is_retried_with_the_same_handoff():
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [DIE]
+    decode.loads["d2"] = ReplicaLoad(num_running=1)
+    replies, trace = serve(fake_ingress(prefill, decode, FAST), LONG)
+    assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.calls[1][1].kv_transfer_params is not None
+    assert trace.route is Route.DISAGGREGATED and trace.fallbacks == [Failure.DECODE_REPLICA_DIED]
+
+
+def test_decode_client_error_goes_to_the_client_once():
+    prefill, decode = pools(num_decode=2)
+    decode.script = {"d1": [ERROR_4XX], "d2": [ERROR_4XX]}
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, SHORT)
+    assert isinstance(replies[0], ErrorReply) and replies[0].status == 400 and len(decode.calls) == 1
+    assert ingress.decode.pool.breaker.excluded() == frozenset()
+
+
+def test_decode_everywhere_failing_answers_503():
+    prefill, decode = pools(num_decode=2)
+    decode.script = {"d1": [DIE], "d2": [DIE]}
+    replies, _ = serve(fake_ingress(prefill, decode, FAST), SHORT)
+    assert isinstance(replies[0], ErrorReply) and replies[0].status == 503
+
+
+def test_kv_pull_timeout_prefills_locally_and_blames_the_prefill_replica():
+    prefill, decode = pools()
+    decode.script["d1"] = [KV_TIMEOUT]
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, LONG)
+    assert isinstance(replies[0], JsonReply)
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.KV_PULL_FAILED and trace.kv_bytes == 0
+    assert decode.calls[1][1].kv_transfer_params is None
+    assert trace.fallbacks == [Failure.KV_PULL_TIMEOUT]
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN  # threshold 1 here
+
+
+def test_handoff_past_its_lease_is_not_used():
+    """The fake decode replica refuses a hand-off at or past ``kv_expires_at``, as the real one does
+    (DecodeServer.generate): the request is prefilled locally instead of reading reused blocks."""
+    from tests.fakes import FakePrefillHandle
+
+    prefill, decode = pools()
+    ingress = fake_ingress(prefill, decode, FAST, prefill_handle=lambda p: FakePrefillHandle(p, kv_lease_s=-1))
+    replies, trace = serve(ingress, LONG)
+    assert isinstance(replies[0], JsonReply)
+    assert trace.reason is RouteReason.KV_LEASE_EXPIRED and trace.fallbacks == [Failure.KV_LEASE_EXPIRED]
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_handoff_usable_only_while_a_pull_can_finish_inside_the_lease():
+    from deployments.kv import handoff_usable
+
+    assert handoff_usable(kv_expires_at=100.0, now=80.0, kv_pull_timeout_s=10)
+    assert not handoff_usable(kv_expires_at=100.0, now=90.0, kv_pull_timeout_s=10)
+    assert handoff_usable(kv_expires_at=None, now=1e12, kv_pull_timeout_s=10)
+
+
+def test_decode_overloaded_raises_for_429():
+    prefill, decode = pools()
+    decode.script["d1"] = [BACKPRESSURE]
+    with pytest.raises(Overloaded):
+        serve(fake_ingress(prefill, decode, FAST), SHORT)
+
+
+def test_end_to_end_deadline_covers_the_whole_stream():
+    prefill, decode = pools()
+    decode.script["d1"] = [STALL_MID_STREAM]
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        serve(fake_ingress(prefill, decode, FAST), SHORT | {"stream": True}, timeout_s=0.3)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_deadline_before_first_token_answers_504_without_blame():
+    prefill, decode = pools()
+    decode.script["d1"] = [STALL]
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, SHORT, timeout_s=0.2)
+    assert isinstance(replies[0], ErrorReply) and replies[0].status == 504
+    assert ingress.decode.pool.breaker.state("d1") is BreakerState.CLOSED
+
+
+def test_colocated_mode_has_one_path():
+    _, decode = pools()
+    replies, trace = serve(fake_ingress(None, decode, FAST), LONG)
+    assert trace.route is Route.COLOCATED and isinstance(replies[0], JsonReply)

@@ -1,0 +1,139 @@
+"""Ingress checks of a client's request, the KV hand-off's request shaping, API keys and public error text,
+on plain data (no cluster)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.api import auth
+from deployments.api.ingress import public
+from deployments.api.requests import estimate_prompt_tokens, inspect, prompt_text
+from deployments.kv import internal_fields_in, not_transferable, prefill_request
+from deployments.replies import ErrorReply
+from deployments.settings import LimitSettings
+
+LIMITS = LimitSettings()
+
+
+def check(body, endpoint="completions"):
+    return inspect(endpoint, body, "m", LIMITS, 2048)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "Hi", "kv_transfer_params": {"do_remote_prefill": True}}, "kv_transfer_params"),
+    ({"prompt": "Hi", "vllm_xargs": {"kv_transfer_params": 0}}, "vllm_xargs.kv_transfer_params"),
+    ({"prompt": "Hi", "ec_transfer_params": {}}, "ec_transfer_params"),
+    ({"prompt": "Hi", "vllm_xargs": {"ec_transfer_params": "x"}}, "vllm_xargs.ec_transfer_params"),
+])
+def test_internal_fields_are_refused_wherever_they_hide(body, param):
+    err = check(body)
+    assert isinstance(err, ErrorReply) and err.status == 400 and err.param == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "Hi", "n": 9}, "n"),
+    ({"prompt": "Hi", "best_of": 100}, "best_of"),
+    ({"prompt": "Hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "Hi", "prompt_logprobs": 1000}, "prompt_logprobs"),
+    ({"prompt": "Hi", "stop": ["x"] * 17}, "stop"),
+    ({"prompt": "Hi", "stop_token_ids": list(range(17))}, "stop_token_ids"),
+    ({"prompt": ["Hi"] * 17}, "prompt"),
+    ({"prompt": "Hi", "max_tokens": 5000}, "max_tokens"),
+])
+def test_limits_answer_400_naming_the_field(body, param):
+    err = check(body)
+    assert isinstance(err, ErrorReply) and err.status == 400 and err.param == param, err
+
+
+def test_chat_limits():
+    err = check({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50, "logprobs": True}, "chat")
+    assert isinstance(err, ErrorReply) and err.param == "top_logprobs"
+    err = check({"messages": [{"role": "user", "content": "x"}] * 600}, "chat")
+    assert isinstance(err, ErrorReply) and err.param == "messages"
+
+
+@pytest.mark.parametrize("body, status", [
+    ([1, 2], 400), ("text", 400), (None, 400),
+    ({"model": "other", "prompt": "Hi"}, 404), ({"model": ["x"], "prompt": "Hi"}, 404),
+    ({"prompt": None}, 400), ({"prompt": 5}, 400), ({}, 400),
+])
+def test_malformed_bodies_are_client_errors(body, status):
+    err = check(body)
+    assert isinstance(err, ErrorReply) and err.status == status
+
+
+def test_chat_needs_messages():
+    assert check({"messages": "hi"}, "chat").status == 400
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": "text", "text": None}], [{"type": "text"}], [None, 5, "x"], None, 5, {"text": "x"},
+])
+def test_odd_chat_content_never_breaks_the_ingress(content):
+    """Regression: a text part ``{"text": null}`` crashed the ingress (bare 500); vLLM judges it instead."""
+    req = check({"messages": [{"role": "user", "content": content}, "junk", {"content": "ok"}]}, "chat")
+    assert not isinstance(req, ErrorReply)
+    assert isinstance(prompt_text(req.body), str)
+
+
+def test_prompt_estimates():
+    assert estimate_prompt_tokens({"prompt": "x" * 4000}) == 1000
+    assert estimate_prompt_tokens({"prompt": list(range(300))}) == 300
+    assert estimate_prompt_tokens({"prompt": [[1, 2], [3]]}) == 3
+    assert prompt_text({"messages": [{"role": "user", "content": "ab"},
+                                     {"role": "user", "content": [{"type": "text", "text": "cd"}]}]}) == "ab\ncd"
+
+
+@pytest.mark.parametrize("body, transferable", [
+    ({"prompt": "x"}, True), ({"prompt": ["x"]}, True), ({"prompt": [1, 2, 3]}, True), ({"prompt": [[1, 2]]}, True),
+    ({"prompt": ["x", "y"]}, False), ({"prompt": [[1], [2]]}, False), ({"prompt": "x", "n": 2}, False),
+    ({"prompt": "x", "n": 1}, True), ({"prompt": "x", "best_of": 2}, False), ({"prompt": "x", "use_beam_search": True}, False),
+    ({"prompt": "x", "echo": True}, False), ({"prompt": "x", "prompt_logprobs": 0}, False),
+    ({"prompt": "x", "logprobs": 3}, True), ({"prompt": "x", "min_tokens": 5}, True),
+])
+def test_what_the_handoff_can_carry(body, transferable):
+    assert (not_transferable("completions", body) is None) == transferable
+
+
+def test_prefill_request_is_a_copy_shaped_for_one_token():
+    body = {"prompt": "x", "max_tokens": 50, "min_tokens": 5, "n": 1, "logprobs": 3, "stream": True,
+            "stream_options": {"include_usage": True}, "response_format": {"type": "json_object"},
+            "stop": ["a"], "vllm_xargs": {"custom": 1}, "add_special_tokens": False, "cache_salt": "s"}
+    before = dict(body)
+    req = prefill_request("completions", body)
+    assert body == before and req.body is not body and req.body["vllm_xargs"] is not body["vllm_xargs"]
+    assert req.body == {"prompt": "x", "max_tokens": 1, "vllm_xargs": {"custom": 1}, "add_special_tokens": False,
+                        "cache_salt": "s"}
+    assert req.kv_transfer_params["do_remote_decode"] is True and req.prefill_only
+
+
+def test_chat_prefill_keeps_what_shapes_the_prompt():
+    body = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9, "tools": [{"type": "function"}],
+            "chat_template_kwargs": {"a": 1}, "add_generation_prompt": True, "logprobs": True, "top_logprobs": 2}
+    shaped = prefill_request("chat", body).body
+    assert shaped == {"messages": body["messages"], "tools": body["tools"], "chat_template_kwargs": {"a": 1},
+                      "add_generation_prompt": True, "max_tokens": 1}
+
+
+def test_internal_fields_in_ignores_other_xargs():
+    assert internal_fields_in({"vllm_xargs": {"custom": 1}}) == [] and internal_fields_in({"vllm_xargs": 3}) == []
+
+
+def test_api_key_check():
+    assert auth.check(None, None) is None  # no key configured: open
+    assert auth.check("Bearer s3cret", "s3cret") is None
+    assert auth.check("bearer s3cret", "s3cret") is None
+    for header in (None, "", "Bearer", "Bearer wrong", "Basic s3cret", "s3cret", "Bearer s3cret2"):
+        err = auth.check(header, "s3cret")
+        assert err.status == 401 and err.body()["error"]["code"] == 401
+    assert auth.needs_key("/v1/completions") and auth.needs_key("/v1/models") and auth.needs_key("/v1")
+    assert not auth.needs_key("/health") and not auth.needs_key("/v10")
+
+
+def test_server_errors_hide_internal_text():
+    leaky = ErrorReply(500, "ActorDiedError: actor 4f2a9c at 10.1.2.3:4321 died", "InternalServerError")
+    shown = public(leaky, "req-1")
+    assert "10.1.2.3" not in shown.message and "Actor" not in shown.message and "req-1" in shown.message
+    assert shown.status == 500
+    client = ErrorReply(400, "max_tokens must be at least 1", param="max_tokens")
+    assert public(client, "req-1") == client
