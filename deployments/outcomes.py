@@ -6,15 +6,10 @@ each label set is bounded (no exception class names, no replica ids).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class _Label(str, Enum):
-    def __str__(self) -> str:
-        return self.value
-
-
-class Route(_Label):
+class Route(StrEnum):
     """Where a request's prompt was prefilled."""
 
     DISAGGREGATED = "disaggregated"  # on a prefill replica; the decode replica pulled the KV
@@ -22,7 +17,7 @@ class Route(_Label):
     COLOCATED = "colocated"  # colocated mode: one engine does both
 
 
-class RouteReason(_Label):
+class RouteReason(StrEnum):
     """Why the request took its route."""
 
     LONG_PROMPT = "long_prompt"
@@ -39,7 +34,7 @@ class RouteReason(_Label):
     REFUSED = "refused"  # refused at the ingress (4xx) before any routing
 
 
-class Failure(_Label):
+class Failure(StrEnum):
     """A failure a request survived (or did not): ``x-pdserve-fallback`` and ``pdserve_fallbacks_total{kind}``."""
 
     PREFILL_TIMEOUT = "prefill_timeout"  # past its deadline and the replica does not answer: frozen or cut off
@@ -56,7 +51,7 @@ class Failure(_Label):
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's end-to-end deadline passed
 
 
-class Outcome(_Label):
+class Outcome(StrEnum):
     """How a request ended, by HTTP status: ``pdserve_requests_total{outcome}``."""
 
     OK = "ok"
@@ -73,6 +68,6 @@ class Outcome(_Label):
         return cls.CLIENT_ERROR if status < 500 else cls.SERVER_ERROR
 
 
-class Phase(_Label):
+class Phase(StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"

@@ -84,8 +84,8 @@ class RoutingSettings(_Strict):
     )
     prefill_timeout_s: float = Field(
         60, gt=0, description="Upper bound of one prefill attempt's deadline, queueing included. The deadline itself "
-        "is prefill_deadline_base_s + prefill_deadline_factor x (the prompt's and the replica's queued prompt "
-        "tokens) / the pool's measured prefill speed."
+        "is prefill_deadline_base_s + prefill_deadline_factor x the prompt's tokens / the pool's measured prefill "
+        "speed."
     )
     prefill_deadline_base_s: float = Field(
         2.0, gt=0, description="Fixed part of a prefill attempt's deadline: hops, scheduling, the hand-off reply."

@@ -74,11 +74,12 @@ def compare(locust: dict, vllm_bench: dict, tolerance: float) -> dict:
 
 
 def markdown(rows: dict, tolerance: float) -> str:
-    lines = ["| median | locust (s) | vllm bench serve (s) | locust / vllm | within ±%d%% |" % round(100 * tolerance),
+    lines = [f"| median | locust (s) | vllm bench serve (s) | locust / vllm | within ±{round(100 * tolerance)}% |",
              "|---|---|---|---|---|"]
     for name, r in rows.items():
         verdict = {True: "yes", False: "**no**", None: "(not checked)"}[r["within"]]
-        lines.append(f"| {name.upper()} | {r['locust_s']:.4f} | {r['vllm_bench_s']:.4f} | {r['ratio']:.3f} | {verdict} |")
+        lines.append(f"| {name.upper()} | {r['locust_s']:.4f} | {r['vllm_bench_s']:.4f} | {r['ratio']:.3f} "
+                     f"| {verdict} |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ def plot_latency_cdfs(samples: list[RequestSample], path: str | Path) -> Path:
                lambda s: [tpot_s(s)] if s.num_output_tokens > 1 else []),
               ("E2E", "end-to-end latency (s)", "fraction of requests", lambda s: [s.e2e_s])]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (title, xlabel, ylabel, values_of) in zip(axes.flat, panels):
+    for ax, (title, xlabel, ylabel, values_of) in zip(axes.flat, panels, strict=True):
         drawn = False
         for category in sorted({s.category for s in ok}):
             values = [v for s in ok if s.category == category for v in values_of(s)]

@@ -60,7 +60,8 @@ def run_policy(policy: str, out: Path, model: str) -> dict:
     short = sorted(r["e2e_s"] for r in results if not r["long"] and r["status"] == 200)
     longs = [r for r in results if r["long"]]
     return {"policy": policy, "num_failed": sum(r["status"] != 200 for r in results), "makespan_s": makespan,
-            "short_e2e_p50_s": statistics.median(short), "short_e2e_p99_s": short[min(len(short) - 1, int(0.99 * len(short)))],
+            "short_e2e_p50_s": statistics.median(short),
+            "short_e2e_p99_s": short[min(len(short) - 1, int(0.99 * len(short)))],
             "long_e2e_mean_s": statistics.mean(r["e2e_s"] for r in longs),
             "num_replicas_given_long": len({r["decode_replica"] for r in longs})}
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_policy(policy, out, args.model) for policy in ("round_robin", "least_loaded")]
     (out / "policies.json").write_text(json.dumps(rows, indent=1))
     rr, ll = rows
-    print("| policy | failed | short e2e p50 (s) | short e2e p99 (s) | long e2e mean (s) | replicas given long requests | makespan (s) |")
+    print("| policy | failed | short e2e p50 (s) | short e2e p99 (s) | long e2e mean (s) "
+          "| replicas given long requests | makespan (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['policy']} | {r['num_failed']} | {r['short_e2e_p50_s']:.2f} | {r['short_e2e_p99_s']:.2f} | "

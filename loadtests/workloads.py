@@ -139,7 +139,8 @@ def load_prompts_file(path: str | Path) -> list[dict]:
             raise WorkloadError(f"{path}:{lineno}: needs a non-empty \"prompt\" string or a \"messages\" list "
                                 "of {\"role\", \"content\"} objects")
         max_tokens = item.get("max_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
             raise WorkloadError(f"{path}:{lineno}: \"max_tokens\" must be a positive integer")
         items.append(item)
     if not items:

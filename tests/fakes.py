@@ -92,7 +92,8 @@ class FakePrefillHandle:
             return ErrorReply(400, "min_tokens must be less than or equal to max_tokens=1")
         finished = time.time()
         return PrefillReply(
-            kv_transfer_params={"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": f"e-{replica}",
+            kv_transfer_params={"do_remote_prefill": True, "do_remote_decode": False,
+                                "remote_engine_id": f"e-{replica}",
                                 "remote_request_id": "r1", "remote_block_ids": [1, 2], "remote_host": "127.0.0.1",
                                 "remote_port": 5600},
             num_prompt_tokens=self.num_prompt_tokens, prefill_replica=replica, started_at=started,

@@ -87,7 +87,8 @@ def validate_builtin(doc: dict) -> None:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
-            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']} (k8s {version}): {where}: {exc.message}")
+            raise AssertionError(
+                f"{doc['kind']}/{doc['metadata']['name']} (k8s {version}): {where}: {exc.message}") from None
 
 
 def strict_schema(node):

@@ -12,7 +12,8 @@ def test_prompts_file_is_the_profiles_prompts_in_order(tmp_path):
     write_prompts(path, "chat", 5, 64, seed=3, session=2)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     workload = Workload("chat", seed=3, endpoint="completions", max_tokens=64)
-    assert [line["prompt"] for line in lines] == ["Session 2. " + workload.prompt(i).completion_prompt() for i in range(5)]
+    expected = ["Session 2. " + workload.prompt(i).completion_prompt() for i in range(5)]
+    assert [line["prompt"] for line in lines] == expected
 
 
 def test_vllm_bench_command_is_accepted_by_vllms_own_parser(tmp_path):

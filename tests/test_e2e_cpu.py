@@ -38,7 +38,8 @@ def test_nixl_delay_set_in_engine_worker_processes(cluster):
     logged = set()
     for path in glob.glob("/tmp/ray/session_latest/logs/worker-*.err"):
         with open(path, errors="replace") as f:
-            logged |= {int(m) for m in re.findall(r"\[pdserve\] NIXL agent \S+ in pid (\d+) created with pthrDelay=1000", f.read())}
+            pattern = r"\[pdserve\] NIXL agent \S+ in pid (\d+) created with pthrDelay=1000"
+            logged |= {int(m) for m in re.findall(pattern, f.read())}
     for deployment in ("PrefillServer", "DecodeServer"):
         replica_pid = cluster.stats(deployment).pid
         children = {p.pid for p in _tree(replica_pid)[1:]}

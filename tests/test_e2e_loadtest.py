@@ -73,7 +73,7 @@ def test_loadtest_counts_what_the_decode_engines_served(cluster, tmp_path):
     assert 0 < lat["ttft"]["p50"] <= lat["e2e"]["p50"] and lat["tpot"]["p50"] > 0
     assert sum(summary["routes"].values()) == n
     assert set(summary["routes"]) <= {"disaggregated", "local_prefill"}, summary["routes"]
-    assert 0 < summary["requests_per_s"] and summary["output_tokens_per_s"] > 0
+    assert summary["requests_per_s"] > 0 and summary["output_tokens_per_s"] > 0
 
     # The report files, consistent with each other.
     report_dir = tmp_path / "report"

@@ -37,7 +37,7 @@ def prometheus(cluster, tmp_path_factory):
         "scrape_configs:\n  - job_name: pdserve\n    static_configs: [{targets: ['127.0.0.1:8080']}]\n")
     proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
                              f"--web.listen-address=127.0.0.1:{PROM_PORT}"],
-                            stdout=subprocess.DEVNULL, stderr=open(work / "prometheus.log", "w"))
+                            stdout=subprocess.DEVNULL, stderr=open(work / "prometheus.log", "w"))  # noqa: SIM115 (kept open for the server's life)
     try:
         _until(lambda: _query("up") == 1.0, 60, "Prometheus never scraped the cluster")
         yield
@@ -96,7 +96,8 @@ def test_prometheus_counts_match_what_was_sent(cluster, prometheus):
     before = {k: _query(q) for k, q in queries.items()}
     results = []
     for i in range(3):
-        results.append(("disaggregated", *_stream(cluster.pd, cluster.model, tagged(f"m{i}{uuid.uuid4().hex}", long_prompt(30)))))
+        prompt = tagged(f"m{i}{uuid.uuid4().hex}", long_prompt(30))
+        results.append(("disaggregated", *_stream(cluster.pd, cluster.model, prompt)))
         results.append(("local_prefill", *_stream(cluster.pd, cluster.model, tagged(f"s{i}{uuid.uuid4().hex}", SHORT))))
     delta = lambda k: _query(queries[k]) - before[k]  # noqa: E731
     _until(lambda: delta("requests") >= 6 and delta("nixl") >= 3, 60, "metrics did not arrive in Prometheus")

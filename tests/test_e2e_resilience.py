@@ -94,7 +94,8 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_prefill_replica(cluster):
 def test_client_disconnect_mid_stream_frees_both_engines(cluster):
     body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, LONG), "max_tokens": 1500,
             "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=60, headers=AUTH) as client, client.stream("POST", cluster.pd + "/completions", json=body) as resp:
+    with httpx.Client(timeout=60, headers=AUTH) as client, \
+            client.stream("POST", cluster.pd + "/completions", json=body) as resp:
         assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated"
         engines = [("DecodeServer", resp.headers["x-pdserve-decode-replica"]),
                    ("PrefillServer", resp.headers["x-pdserve-prefill-replica"])]
@@ -170,6 +171,36 @@ def test_frozen_prefill_replica_hangs_no_request(cluster):
             p.send_signal(signal.SIGCONT)
 
 
+def test_frozen_prefill_pool_costs_one_deadline_then_local_prefill(cluster):
+    """Every prefill replica frozen (as the default single prefill replica can be): a long prompt waits at most
+    its prefill deadline per replica (derived from its size and the measured speed: seconds, not the 60 s cap),
+    the probe gets no answer, and the decode replica prefills it. No replica is waited on twice for one request."""
+    procs = [p for r in cluster.replicas("PrefillServer") for p in _process_group(r.pid)]
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(4):
+            t0 = time.monotonic()
+            resp = _complete(cluster.pd, cluster.model, tagged(f"frozen-pool-{i}-{uuid.uuid4().hex[:6]}", LONG),
+                             max_tokens=4)
+            took_s = time.monotonic() - t0
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-pdserve-route"] == "local_prefill"
+            waits = [(m.group(1), float(m.group(2))) for m in re.finditer(
+                re.escape(resp.headers["x-pdserve-request-id"]) + r": prefill on (\S+) past its ([\d.]+) s deadline",
+                _ingress_log())]
+            replicas = [r for r, _ in waits]
+            assert len(replicas) == len(set(replicas)) <= 2, waits  # never the same replica twice
+            assert all(deadline < 20 for _, deadline in waits), waits  # derived from the prompt, not the cap
+            assert took_s < sum(deadline + 1.5 for _, deadline in waits) + 15, (took_s, waits)
+            print(f"frozen prefill pool, request {i}: {took_s:.1f} s, waits {waits}, "
+                  f"{resp.headers['x-pdserve-route-reason']}")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+    cluster.wait_for_replicas("PrefillServer", 2)
+
+
 @pytest.fixture
 def silent_side_channel():
     """A port that accepts TCP connections and never answers: a frozen prefill engine's NIXL side channel."""
@@ -222,7 +253,8 @@ def test_killed_decode_replica_mid_stream_ends_the_stream_cleanly(cluster):
     body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, SHORT), "max_tokens": 1500,
             "temperature": 0, "stream": True, "ignore_eos": True}
     lines: list[str] = []
-    with httpx.Client(timeout=60, headers=AUTH) as client, client.stream("POST", cluster.pd + "/completions", json=body) as resp:
+    with httpx.Client(timeout=60, headers=AUTH) as client, \
+            client.stream("POST", cluster.pd + "/completions", json=body) as resp:
         victim = next(r for r in cluster.replicas("DecodeServer") if r.id == resp.headers["x-pdserve-decode-replica"])
         killer = threading.Timer(2.0, os.kill, (victim.pid, signal.SIGKILL))
         t0 = time.monotonic()
@@ -232,6 +264,7 @@ def test_killed_decode_replica_mid_stream_ends_the_stream_cleanly(cluster):
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][len("data: "):])
     assert error["error"]["code"] == 503 and "interrupted" in error["error"]["message"]
+    assert not re.search(r"Actor|Error\b|\d+\.\d+\.\d+\.\d+", error["error"]["message"]), error  # no internals
     assert len(lines) > 3 and closed_after < 30
     cluster.wait_for_replicas("DecodeServer", 2)
 
@@ -247,7 +280,8 @@ def test_overload_answers_429_and_recovers(cluster):
     num_retry_warnings = len(_routing_retry_counts())
     with ThreadPoolExecutor(64) as pool:
         t0 = time.monotonic()
-        resps = list(pool.map(lambda i: httpx.post(cluster.pd + "/completions", json=body(i), timeout=300, headers=AUTH), range(64)))
+        resps = list(pool.map(lambda i: httpx.post(cluster.pd + "/completions", json=body(i), timeout=300,
+                                                   headers=AUTH), range(64)))
     statuses = [r.status_code for r in resps]
     rejected = [r for r in resps if r.status_code == 429]
     assert rejected and set(statuses) <= {200, 429}, statuses

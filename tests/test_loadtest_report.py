@@ -17,12 +17,26 @@ import pytest
 import requests
 
 from loadtests.fake_server import MODEL, FakeOpenAIServer
-from loadtests.report import (RequestSample, latency_stats, meets_slo, percentile, render_markdown, summarize,
-                              tpot_s, write_report)
+from loadtests.report import (
+    RequestSample,
+    latency_stats,
+    meets_slo,
+    percentile,
+    render_markdown,
+    summarize,
+    tpot_s,
+    write_report,
+)
 from loadtests.runner import LOCUSTFILE, run_locust
 from loadtests.stream import DONE, StreamError, parse_sse_line, stream_request
-from loadtests.workloads import (PROMPT_TOKENS, TEMPLATE_MARGIN_TOKENS, Workload, WorkloadError, load_prompts_file,
-                                 request_body)
+from loadtests.workloads import (
+    PROMPT_TOKENS,
+    TEMPLATE_MARGIN_TOKENS,
+    Workload,
+    WorkloadError,
+    load_prompts_file,
+    request_body,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,7 +143,8 @@ def test_jsonl_prompts_are_read_in_order_and_cycled(tmp_path):
     assert prompts[1].chat_messages() == lines[1]["messages"] and prompts[1].max_tokens == 128
     assert prompts[2] == prompts[0] and prompts[3] == prompts[1]
     assert Workload("jsonl", prompts_file=path, max_tokens=9).prompt(0).max_tokens == 9
-    assert request_body(Workload("jsonl", prompts_file=path, endpoint="completions").prompt(1), "m")[1]["prompt"] == "Hi"
+    workload = Workload("jsonl", prompts_file=path, endpoint="completions")
+    assert request_body(workload.prompt(1), "m")[1]["prompt"] == "Hi"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -154,7 +169,8 @@ def test_bad_jsonl_files_say_what_is_wrong(tmp_path, content, message):
 def _sample(category="chat", ttft_s=0.5, e2e_s=2.0, num_output_tokens=16, ok=True, error_kind="", sent_at_s=0.0,
             itl_s=None, num_prompt_tokens=100) -> RequestSample:
     return RequestSample(category, "chat", sent_at_s, ok=ok, ttft_s=ttft_s if ok else None,
-                         e2e_s=e2e_s, itl_s=itl_s if itl_s is not None else [0.1] * (num_output_tokens - 1) if ok else [],
+                         e2e_s=e2e_s,
+                         itl_s=itl_s if itl_s is not None else [0.1] * (num_output_tokens - 1) if ok else [],
                          num_prompt_tokens=num_prompt_tokens if ok else 0,
                          num_output_tokens=num_output_tokens if ok else 0, error_kind=error_kind,
                          error_message=f"{error_kind} happened" if error_kind else "")
@@ -312,7 +328,7 @@ def test_open_loop_run_reports_what_the_server_served(fake_server, tmp_path):
     assert summary["latency_s"]["itl"]["count"] == 7 * summary["num_ok"]
     samples = [json.loads(line) for line in (tmp_path / "run" / "requests.jsonl").read_text().splitlines()]
     last_end_s = max(s["sent_at_s"] + s["e2e_s"] for s in samples)
-    assert 3.5 < summary["duration_s"] and last_end_s <= summary["duration_s"]  # -t 4s, then the drain
+    assert summary["duration_s"] > 3.5 and last_end_s <= summary["duration_s"]  # -t 4s, then the drain
     assert summary["duration_s"] < max(last_end_s, 4.0) + 1.0  # ends with the drain, not with the report
     assert summary["requests_per_s"] == pytest.approx(summary["num_ok"] / summary["duration_s"])
     run_dir = tmp_path / "run"

@@ -19,13 +19,25 @@ from deployments.outcomes import Failure, Route, RouteReason
 from deployments.replies import ErrorReply, JsonReply
 from deployments.routing import ReplicaLoad
 from deployments.routing.breaker import BreakerState
-from tests.fakes import (BACKPRESSURE, DIE, ERROR_4XX, ERROR_5XX, KV_TIMEOUT, OK, STALL, STALL_MID_STREAM, FakePool,
-                         count, fake_ingress)
+from tests.fakes import (
+    BACKPRESSURE,
+    DIE,
+    ERROR_4XX,
+    ERROR_5XX,
+    KV_TIMEOUT,
+    OK,
+    STALL,
+    STALL_MID_STREAM,
+    FakePool,
+    count,
+    fake_ingress,
+)
 
 FAST = {"routing": {"prefill_deadline_base_s": 0.1, "prefill_deadline_factor": 1, "prefill_tokens_per_s": 1e6,
                     "prefill_timeout_s": 0.3, "replica_probe_timeout_s": 0.05, "breaker_cooldown_s": 0.3,
                     "breaker_failure_threshold": 1, "min_remote_prefill_tokens": 10, "kv_pull_timeout_s": 0.5,
                     "kv_lease_s": 1}}
+LEAST_LOADED = FAST | {"routing": FAST["routing"] | {"prefill_policy": "least_loaded"}}
 LONG = {"prompt": "word " * 400, "max_tokens": 4}  # ~500 tokens: disaggregated
 SHORT = {"prompt": "Hi", "max_tokens": 4}
 
@@ -34,7 +46,8 @@ def serve(ingress, body: dict, endpoint: str = "completions", timeout_s: float =
     """Run one request through serve_request; returns (replies, trace)."""
     async def go():
         trace = Trace(request_id="t", model=ingress.model_name, timeout_s=timeout_s)
-        req = inspect(endpoint, body, ingress.model_name, ingress.settings.limits, ingress.settings.engine.max_model_len)
+        req = inspect(endpoint, body, ingress.model_name, ingress.settings.limits,
+                      ingress.settings.engine.max_model_len)
         assert not isinstance(req, ErrorReply), req
         return [item async for item in ingress.serve_request(req, trace)], trace
     return asyncio.run(go())
@@ -101,17 +114,16 @@ def test_frozen_prefill_costs_one_deadline_and_is_never_waited_on_twice():
     assert isinstance(replies[0], JsonReply)
 
 
-def test_prefill_deadline_grows_with_prompt_and_queue_and_is_capped():
+def test_prefill_deadline_grows_with_the_prompt_and_is_capped():
     prefill, decode = pools()
-    prefill.loads["p1"] = ReplicaLoad(num_outstanding_prompt_tokens=1000)
+    prefill.loads["p1"] = ReplicaLoad(num_outstanding_prompt_tokens=10**6)  # a frozen replica's stale report
     ingress = fake_ingress(prefill, decode, {"routing": {"prefill_tokens_per_s": 1000, "prefill_timeout_s": 60}})
     from deployments.routing import RouteRequest
 
     small = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=100))
     big = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=4000))
-    queued = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=100, target="p1"))
     assert small == pytest.approx(2.0 + 4 * 0.1) and big == pytest.approx(2.0 + 4 * 4.0)
-    assert queued == pytest.approx(2.0 + 4 * 1.1)
+    assert ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=100, target="p1")) == pytest.approx(small)
     assert ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=10**6)) == 60
 
 
@@ -126,8 +138,7 @@ def test_frozen_prefill_with_a_second_replica_goes_there():
     prefill, decode = pools(num_prefill=2)
     prefill.script["p1"] = [STALL]
     prefill.loads["p2"] = ReplicaLoad(num_running=1)  # least loaded picks p1 first
-    _, trace = serve(fake_ingress(prefill, decode, FAST | {"routing": FAST["routing"] | {"prefill_policy": "least_loaded"}}),
-                     LONG)
+    _, trace = serve(fake_ingress(prefill, decode, LEAST_LOADED), LONG)
     assert [r for r, _ in prefill.calls] == ["p1", "p2"]
     assert trace.route is Route.DISAGGREGATED and trace.prefill_replica == "p2"
 
@@ -153,12 +164,13 @@ def test_prefill_client_error_is_not_a_replica_failure_and_decode_judges_the_req
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
 
 
-@pytest.mark.parametrize("behaviour, failure", [(ERROR_5XX, Failure.PREFILL_ERROR), (DIE, Failure.PREFILL_REPLICA_DIED)])
+@pytest.mark.parametrize("behaviour, failure", [(ERROR_5XX, Failure.PREFILL_ERROR),
+                                                (DIE, Failure.PREFILL_REPLICA_DIED)])
 def test_prefill_server_failure_retries_elsewhere_and_counts_against_the_replica(behaviour, failure):
     prefill, decode = pools(num_prefill=2)
     prefill.script["p1"] = [behaviour]
     prefill.loads["p2"] = ReplicaLoad(num_running=1)
-    ingress = fake_ingress(prefill, decode, FAST | {"routing": FAST["routing"] | {"prefill_policy": "least_loaded"}})
+    ingress = fake_ingress(prefill, decode, LEAST_LOADED)
     _, trace = serve(ingress, LONG)
     assert trace.fallbacks == [failure] and trace.route is Route.DISAGGREGATED and trace.prefill_replica == "p2"
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
@@ -169,7 +181,8 @@ def test_prefill_backpressure_means_local_prefill_without_blame():
     prefill.script["p1"] = [BACKPRESSURE]
     ingress = fake_ingress(prefill, decode, FAST)
     _, trace = serve(ingress, LONG)
-    assert trace.reason is RouteReason.PREFILL_BACKPRESSURE and ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+    assert trace.reason is RouteReason.PREFILL_BACKPRESSURE
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
 
 
 def test_tripped_prefill_replica_comes_back_after_cooldown_while_another_is_healthy():
@@ -282,3 +295,24 @@ def test_colocated_mode_has_one_path():
     _, decode = pools()
     replies, trace = serve(fake_ingress(None, decode, FAST), LONG)
     assert trace.route is Route.COLOCATED and isinstance(replies[0], JsonReply)
+
+
+def test_router_shipped_by_value_registers_where_the_ingress_looks():
+    """Serve ships the request router class by value (its config cloudpickles the router's module by value).
+    Regression: the router registered itself in a module-level dict of that copy, so the ingress never saw its
+    pools (every attempt went untargeted: no probe, no queue-aware deadline, a second wait on a frozen replica)."""
+    import types
+
+    from ray.serve.config import RequestRouterConfig
+
+    from deployments.routing import pools
+
+    config = RequestRouterConfig(request_router_class="deployments.routing.router:PDRequestRouter")
+    shipped = config.get_request_router_class()  # what Serve's handles instantiate
+    stub = types.SimpleNamespace(_deployment_id=types.SimpleNamespace(name="PrefillServer"),
+                                 pool_view=lambda: {"p-live": ReplicaLoad()})
+    try:
+        shipped.initialize_state(stub, policy="least_loaded")
+        assert pools.pool_view("PrefillServer") == {"p-live": ReplicaLoad()}
+    finally:
+        pools.ROUTERS.pop("PrefillServer", None)

@@ -87,7 +87,8 @@ def test_prompt_estimates():
 @pytest.mark.parametrize("body, transferable", [
     ({"prompt": "x"}, True), ({"prompt": ["x"]}, True), ({"prompt": [1, 2, 3]}, True), ({"prompt": [[1, 2]]}, True),
     ({"prompt": ["x", "y"]}, False), ({"prompt": [[1], [2]]}, False), ({"prompt": "x", "n": 2}, False),
-    ({"prompt": "x", "n": 1}, True), ({"prompt": "x", "best_of": 2}, False), ({"prompt": "x", "use_beam_search": True}, False),
+    ({"prompt": "x", "n": 1}, True), ({"prompt": "x", "best_of": 2}, False),
+    ({"prompt": "x", "use_beam_search": True}, False),
     ({"prompt": "x", "echo": True}, False), ({"prompt": "x", "prompt_logprobs": 0}, False),
     ({"prompt": "x", "logprobs": 3}, True), ({"prompt": "x", "min_tokens": 5}, True),
 ])
@@ -135,5 +136,7 @@ def test_server_errors_hide_internal_text():
     shown = public(leaky, "req-1")
     assert "10.1.2.3" not in shown.message and "Actor" not in shown.message and "req-1" in shown.message
     assert shown.status == 500
+    own = public(ErrorReply(503, "no decode replica could serve the request", "ServiceUnavailable"), "req-2")
+    assert own.message == "no decode replica could serve the request (request id req-2)"
     client = ErrorReply(400, "max_tokens must be at least 1", param="max_tokens")
     assert public(client, "req-1") == client

@@ -1,9 +1,12 @@
 """Routing policies, conditional disaggregation and the circuit breaker on plain data (no cluster)."""
 
-from deployments.routing.breaker import BreakerState
 from deployments.routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill
+from deployments.routing.breaker import BreakerState
 from deployments.routing.policies import (
-    least_loaded, prefix_affinity, prefix_key, round_robin,
+    least_loaded,
+    prefix_affinity,
+    prefix_key,
+    round_robin,
 )
 
 IDLE, BUSY = ReplicaLoad(), ReplicaLoad(num_running=6, num_waiting=3, kv_cache_usage=0.7)

@@ -11,7 +11,8 @@ from deployments.settings import PDServeSettings, SettingsError, load_serve_conf
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 
 
-@pytest.mark.parametrize("name,mode", [("local-disaggregated.yaml", "disaggregated"), ("local-colocated.yaml", "colocated")])
+@pytest.mark.parametrize("name,mode", [("local-disaggregated.yaml", "disaggregated"),
+                                       ("local-colocated.yaml", "colocated")])
 def test_shipped_configs_load(name, mode):
     [(app, settings)] = load_serve_config(CLUSTER / name)
     assert app.import_path == "deployments.app:build_app"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -19,8 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..metrics import metrics, record_request
 from ..outcomes import Failure, Route, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply
-from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill
-from ..routing.router import ROUTERS
+from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill, pools
 from ..settings import PDServeSettings
 from . import auth
 from .attempts import Pool
@@ -36,17 +36,18 @@ def error_response(err: ErrorReply, headers: dict | None = None) -> JSONResponse
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+# Error types whose messages pdserve writes itself (no exception text, ids or addresses): shown as they are.
+OWN_ERROR_TYPES = frozenset({"ServiceUnavailable", "Timeout"})
+
+
 def public(err: ErrorReply, request_id: str) -> ErrorReply:
-    """What a client may see of an error: a server error's own text (exception names, actor ids, addresses)
-    stays in the log; the client gets its kind and the request id to quote."""
+    """What a client may see of an error. A server error from elsewhere (an engine, Ray) keeps its text in the
+    log (exception names, actor ids, addresses); the client gets its kind and the request id to quote."""
     if err.status < 500:
         return err
-    return ErrorReply(err.status, f"{_SERVER_ERRORS.get(err.status, 'internal server error')} "
-                                  f"(request id {request_id})", err.type if err.status in _SERVER_ERRORS else
-                      "InternalServerError")
-
-
-_SERVER_ERRORS = {503: "service unavailable", 504: "request deadline exceeded"}
+    if err.type in OWN_ERROR_TYPES:
+        return ErrorReply(err.status, f"{err.message} (request id {request_id})", err.type)
+    return ErrorReply(err.status, f"internal server error (request id {request_id})", "InternalServerError")
 
 
 @api.middleware("http")
@@ -89,15 +90,8 @@ def _request_id(request: Request) -> str:
 
 
 def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fallback: bool) -> Pool:
-    def view() -> dict[str, ReplicaLoad] | None:
-        router = ROUTERS.get(deployment)
-        return router.pool_view() if router is not None else None
-
-    async def probe(replica: str, timeout_s: float) -> int | None:
-        router = ROUTERS.get(deployment)
-        return await router.probe(replica, timeout_s) if router is not None else None
-
-    return Pool(deployment, policy, breaker, view, probe, untargeted_fallback)
+    return Pool(deployment, policy, breaker, functools.partial(pools.pool_view, deployment),
+                functools.partial(pools.probe, deployment), untargeted_fallback)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -139,7 +133,7 @@ class Ingress:
         with self.decode.inflight:
             started = await self.decode.start(req, handoff, route, trace)
             if isinstance(started, HandoffFailed):  # pull timed out or lease ran out: prefill locally
-                if started.failure is Failure.KV_PULL_TIMEOUT:  # the prefill replica holding the KV is frozen or cut off
+                if started.failure is Failure.KV_PULL_TIMEOUT:  # the replica holding the KV is frozen or cut off
                     self.prefill.pool.breaker.record_failure(handoff.prefill_replica)
                 trace.fallbacks.append(started.failure)
                 trace.prefill_locally(RouteReason.KV_PULL_FAILED if started.failure is Failure.KV_PULL_TIMEOUT
@@ -247,7 +241,8 @@ class Ingress:
                                  media_type="text/event-stream", headers=trace.headers())
 
     def _refuse(self, err: ErrorReply, trace: Trace) -> JSONResponse:
-        trace.route, trace.reason = Route.COLOCATED if self.prefill is None else Route.LOCAL_PREFILL, RouteReason.REFUSED
+        trace.route = Route.COLOCATED if self.prefill is None else Route.LOCAL_PREFILL
+        trace.reason = RouteReason.REFUSED
         self._finish(trace, err.status)
         return error_response(err, trace.headers())
 
@@ -284,12 +279,14 @@ class Ingress:
             status = 499  # the client went away
             raise
         except Exception as exc:  # the stream broke after tokens went out: end it cleanly
-            status = 504 if isinstance(exc, DeadlineExceeded) else 503
-            if status == 503:
+            if isinstance(exc, DeadlineExceeded):
+                status, err = 504, ErrorReply(504, f"stream interrupted: {exc}", "Timeout")
+            else:
+                status = 503
+                err = ErrorReply(503, "stream interrupted: the decode replica failed", "ServiceUnavailable")
                 trace.fallbacks.append(Failure.STREAM_INTERRUPTED)
             logger.warning("%s: stream interrupted: %r", trace.request_id, exc)
-            err = public(ErrorReply(status, "stream interrupted", "ServiceUnavailable" if status == 503 else "Timeout"),
-                         trace.request_id)
+            err = public(err, trace.request_id)
             yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:

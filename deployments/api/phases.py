@@ -76,13 +76,12 @@ class PrefillPhase:
         self.tokens_per_s = settings.prefill_tokens_per_s  # the pool's measured prefill speed (EWMA)
 
     def deadline_s(self, route: RouteRequest) -> float:
-        """How long one attempt may take: this prompt plus the target's queued prompt tokens at the measured
-        speed, with headroom, plus a fixed allowance; at most ``prefill_timeout_s``."""
-        view = self.pool.view() or {}
-        load = view.get(route.target) if route.target else None
-        queued = load.num_outstanding_prompt_tokens if load else 0
+        """How long one attempt may take: the prompt at the pool's measured speed (measured from replies, so it
+        includes the queueing of recent requests), with headroom, plus a fixed allowance; at most
+        ``prefill_timeout_s``. A replica's own reported queue is not added: a frozen replica's last report is
+        stale. Queueing past the deadline is told apart by the probe (``_timed_out``)."""
         s = self.settings
-        expected_s = (route.num_prompt_tokens + queued) / self.tokens_per_s
+        expected_s = route.num_prompt_tokens / self.tokens_per_s
         return min(s.prefill_timeout_s, s.prefill_deadline_base_s + s.prefill_deadline_factor * expected_s)
 
     def _measured(self, reply: PrefillReply) -> None:
@@ -114,7 +113,7 @@ class PrefillPhase:
             raise
         except BackPressureError:  # the prefill pool is full: the decode replica prefills
             return AttemptResult(Verdict.STOP, failure=Failure.PREFILL_BACKPRESSURE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response.cancel()
             return await self._timed_out(route, trace, timeout_s)
         except RayError as exc:
@@ -187,7 +186,7 @@ class DecodePhase:
             raise
         except BackPressureError as exc:
             raise Overloaded(str(exc)) from None
-        except asyncio.TimeoutError:  # the request's own deadline: no replica's fault
+        except TimeoutError:  # the request's own deadline: no replica's fault
             stream.cancel()
             return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
         except (RayError, StopAsyncIteration) as exc:
@@ -218,7 +217,7 @@ class DecodePhase:
                     item = await asyncio.wait_for(anext(started.rest), trace.remaining_s())
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)
                     raise DeadlineExceeded(f"request deadline of {trace.timeout_s:.0f} s exceeded") from None
                 yield item

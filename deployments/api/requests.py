@@ -98,7 +98,8 @@ def check_limits(endpoint: Endpoint, body: dict, limits: LimitSettings, max_mode
     return None
 
 
-def inspect(endpoint: Endpoint, body, model: str, limits: LimitSettings, max_model_len: int) -> ClientRequest | ErrorReply:
+def inspect(endpoint: Endpoint, body, model: str, limits: LimitSettings,
+            max_model_len: int) -> ClientRequest | ErrorReply:
     """The request as routing sees it, or the client error (4xx) that refuses it."""
     if not isinstance(body, dict):
         return ErrorReply(400, "request body must be a JSON object")

@@ -74,7 +74,8 @@ class Trace:
         out = {"e2e_s": self.finished_at - self.arrived_at, "ttft_s": first - self.arrived_at,
                "decode_s": self.finished_at - first}
         if self.prefill_started_at is not None:
-            out["queue_s"] = (self.prefill_started_at - self.arrived_at) + (self.decode_started_at - self.prefill_received_at)
+            out["queue_s"] = ((self.prefill_started_at - self.arrived_at)
+                              + (self.decode_started_at - self.prefill_received_at))
             out["prefill_s"] = self.prefill_finished_at - self.prefill_started_at
             out["transfer_s"] = (self.prefill_received_at - self.prefill_finished_at) + (first - self.decode_started_at)
         else:

@@ -97,7 +97,7 @@ class _KVPullDeadline:
     async def _first_output_deadline(self, stream, request_id: str):
         try:
             first = await asyncio.wait_for(anext(stream), self._timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.timed_out.add(request_id)
             raise KVPullTimeout(f"KV pull from the prefill engine timed out after {self._timeout_s:.0f} s") from None
         yield first

@@ -9,5 +9,6 @@ from .protocol import (
     prefill_request,
 )
 
-__all__ = ["INTERNAL_FIELDS", "KVTransferParams", "PhaseRequest", "decode_request", "handoff_usable", "internal_fields_in",
+__all__ = ["INTERNAL_FIELDS", "KVTransferParams", "PhaseRequest", "decode_request", "handoff_usable",
+           "internal_fields_in",
            "not_transferable", "prefill_request"]

@@ -61,7 +61,8 @@ class CircuitBreaker:
         """Replicas out of rotation now: open and cooling down, or half-open with their probe in flight.
         A probe that never reports back frees its slot after another cooldown."""
         now = self._clock()
-        return frozenset(rid for rid, r in self._replicas.items() if r.state is not BreakerState.CLOSED and r.until > now)
+        return frozenset(rid for rid, r in self._replicas.items()
+                         if r.state is not BreakerState.CLOSED and r.until > now)
 
     def is_open(self, replica: str) -> bool:
         r = self._replicas.get(replica)

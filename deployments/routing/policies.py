@@ -35,7 +35,8 @@ class ReplicaLoad:
 
     def score(self) -> float:
         """Lower is less loaded: queued work first, then running sequences, then KV pressure."""
-        return self.num_waiting * 4 + self.num_running + self.num_outstanding_prompt_tokens / 512 + self.kv_cache_usage * 2
+        return (self.num_waiting * 4 + self.num_running + self.num_outstanding_prompt_tokens / 512
+                + self.kv_cache_usage * 2)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,10 @@ def prefix_affinity(
     by_load = least_loaded(request, candidates, stats)
     if not by_load or not request.prefix_key:
         return by_load
-    preferred = max(by_load, key=lambda c: hashlib.blake2b(f"{request.prefix_key}:{c}".encode(), digest_size=8).digest())
+    def weight(c: str) -> bytes:
+        return hashlib.blake2b(f"{request.prefix_key}:{c}".encode(), digest_size=8).digest()
+
+    preferred = max(by_load, key=weight)
     load = lambda c: stats.get(c, ReplicaLoad()).score()  # noqa: E731
     if load(preferred) - load(by_load[0]) > max_imbalance:
         return by_load

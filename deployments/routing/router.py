@@ -13,16 +13,14 @@ import asyncio
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from . import pools
 from .policies import POLICIES, ReplicaLoad, RouteRequest
-
-# deployment name -> the router of that pool in this process (the ingress replica)
-ROUTERS: dict[str, PDRequestRouter] = {}
 
 
 class PDRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "least_loaded", **kwargs) -> None:
         self._policy = POLICIES[policy]
-        ROUTERS[self._deployment_id.name] = self
+        pools.ROUTERS[self._deployment_id.name] = self  # the real registry: this class arrives by value
 
     def pool_view(self) -> dict[str, ReplicaLoad]:
         """Live replicas of this pool and their last reported load."""

@@ -11,8 +11,8 @@ import ray
 from ray import serve
 
 from ..engine.nixl_plugin import DELAY_ENV
-from ..metrics import metrics
 from ..engine.vllm_engine import EngineSpec, Role, VLLMEngine
+from ..metrics import metrics
 from ..models import resolve_model
 from ..replies import EngineStats
 from ..settings import PDServeSettings, PoolSettings
