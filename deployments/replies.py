@@ -67,7 +67,3 @@ class EngineStats:
 
     def get(self, name: str) -> float:
         return self.values.get(name, 0.0)
-
-
-# A streaming reply is a sequence of these server-sent-event strings ("data: {...}\n\n", "data: [DONE]\n\n").
-SSEChunk = str

@@ -146,9 +146,7 @@ def on_init(environment, **_kw) -> None:
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(opts.max_in_flight, 10))
     STATE.session.mount("http://", adapter)
     STATE.session.mount("https://", adapter)
-    key = os.environ.get("OPENAI_API_KEY") or os.environ.get("PDSERVE_API_KEY")  # a server that requires a key
-    if key:
-        STATE.session.headers["authorization"] = f"Bearer {key}"
+    STATE.session.headers.update(auth_headers())
 
 
 def build_workload(environment, opts) -> Workload:
@@ -162,11 +160,17 @@ def build_workload(environment, opts) -> Workload:
                     prompts_file=opts.prompts_file)
 
 
+def auth_headers() -> dict[str, str]:
+    """``Authorization`` for a server that requires an API key: OPENAI_API_KEY or PDSERVE_API_KEY."""
+    key = os.environ.get("OPENAI_API_KEY") or os.environ.get("PDSERVE_API_KEY")
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def check_server(base_url: str, model: str) -> str:
     """GET /v1/models: the model to use, or WorkloadError saying why the server cannot be used."""
     url = f"{base_url}/models"
     try:
-        resp = requests.get(url, timeout=10)
+        resp = requests.get(url, timeout=10, headers=auth_headers())
     except requests.exceptions.RequestException as exc:
         raise WorkloadError(f"server unreachable: GET {url} failed: {type(exc).__name__}: {exc}") from None
     if resp.status_code != 200:

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from .fuzz import busy_engines
+from .engines import busy_engines
 from .runner import run_locust
 
 LONG = "Summarise the history of the printing press in Europe, its inventors and its effect on literacy. " * 25
@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="http://127.0.0.1:8000")
     p.add_argument("--metrics", default="http://127.0.0.1:8080/metrics")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--rate", type=float, default=0.6, help="req/s of the steady load (below the goodput rate)")
+    p.add_argument("--rate", type=float, default=0.5,
+                   help="req/s of the steady load: below the goodput rate (1.05 req/s for the default config, "
+                        "docs/benchmarks.md, measured with --max-tokens 64)")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, as `make bench` uses")
     p.add_argument("--duration-s", type=float, default=600)
     p.add_argument("--warm-s", type=float, default=120, help="RSS baseline taken after this long")
     p.add_argument("--chaos-every-s", type=float, default=10)
@@ -131,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[tuple[float, dict]] = []
     load: dict = {}
 
-    def run_load():
+    def run_load():  # an exception here leaves `load` empty: the soak then fails
         load.update(run_locust(args.base + "/v1", "mixed", args.rate, args.duration_s, report / "locust",
-                               model=args.model, seed=7, drain_timeout_s=120))
+                               model=args.model, seed=7, max_tokens=args.max_tokens, drain_timeout_s=120))
 
     t0 = time.monotonic()
     loader = threading.Thread(target=run_load, daemon=True)
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rss_end_mib": round(rss / 2**20, 1), "growth_pct": round(100 * (rss / warm[pid][1] - 1), 2)}
               for pid, (name, rss) in end.items() if pid in warm and warm[pid][1] > 0}
     worst = max(growth.values(), key=lambda g: g["growth_pct"], default=None)
-    busy = busy_engines(args.metrics)
+    busy = busy_engines()
     chaos_failed = [r for r in chaos.results if not r["ok"]]
     summary = {
         "rate_rps": args.rate, "duration_s": args.duration_s, "locust": {
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     (report / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rss_growth"}, indent=2))
     hung = (load.get("errors") or {}).get("cancelled_at_stop", 0) + (load.get("errors") or {}).get("timeout", 0)
-    ok = not busy and not chaos_failed and not summary["processes_over_10pct"] and not hung
+    ok = (bool(load) and load.get("num_requests", 0) > 0 and not busy and not chaos_failed
+          and not summary["processes_over_10pct"] and not hung)
     return 0 if ok else 1
 
 

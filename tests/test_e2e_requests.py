@@ -149,3 +149,23 @@ def test_errors_are_openai_json_and_hide_internals(cluster, http):
         resp = http.request(method, url)
         assert resp.status_code in (404, 405), resp.text
         assert json.loads(resp.text)["error"]["code"] == resp.status_code
+
+
+FUZZ_FINDINGS = {  # requests the fuzzer (loadtests/fuzz.py) found answered 503: vLLM refuses them while parsing
+    "tool-choice-without-tools": ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                        "tool_choice": "auto"}),
+    "logprob-token-ids-without-logprobs": ("/completions", {"prompt": "Hi", "logprob_token_ids": [1, 2]}),
+    "bad-repetition-detection": ("/completions", {"prompt": "Hi", "repetition_detection": {
+        "max_pattern_size": 1, "min_pattern_size": 5}}),
+    "empty-structured-outputs": ("/completions", {"prompt": "Hi", "structured_outputs": {}}),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", list(FUZZ_FINDINGS))
+def test_requests_vllm_refuses_while_parsing_are_400_not_503(cluster, http, case, stream):
+    path, body = FUZZ_FINDINGS[case]
+    resp = http.post(cluster.pd + path, json={"model": cluster.model, "max_tokens": 2, "stream": stream} | body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == 400 and "x-pdserve-fallback" not in resp.headers
+    _healthy_right_after(cluster, http)

@@ -66,7 +66,7 @@ def test_long_prompt_is_disaggregated_and_the_client_body_is_not_changed():
     assert trace.route is Route.DISAGGREGATED and trace.reason is RouteReason.LONG_PROMPT
     [(_, prefill_req)] = prefill.calls
     [(_, decode_req)] = decode.calls
-    assert prefill_req.body["max_tokens"] == 1 and prefill_req.prefill_only
+    assert prefill_req.body["max_tokens"] == 1 and prefill_req.kv_transfer_params["do_remote_decode"]
     assert not {"min_tokens", "logprobs", "stream", "stream_options"} & set(prefill_req.body)
     assert decode_req.body == before and decode_req.kv_transfer_params["remote_engine_id"] == "e-p1"
     assert decode_req.kv_expires_at is not None

@@ -105,7 +105,7 @@ def test_prefill_request_is_a_copy_shaped_for_one_token():
     assert body == before and req.body is not body and req.body["vllm_xargs"] is not body["vllm_xargs"]
     assert req.body == {"prompt": "x", "max_tokens": 1, "vllm_xargs": {"custom": 1}, "add_special_tokens": False,
                         "cache_salt": "s"}
-    assert req.kv_transfer_params["do_remote_decode"] is True and req.prefill_only
+    assert req.kv_transfer_params["do_remote_decode"] is True
 
 
 def test_chat_prefill_keeps_what_shapes_the_prompt():

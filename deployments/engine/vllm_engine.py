@@ -178,6 +178,8 @@ class VLLMEngine:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or None
             return ErrorReply(400, f"invalid request: {where}: {err['msg']}", param=where)
+        except Exception as exc:  # vLLM's own validators raise VLLMValidationError past pydantic: the client's fault
+            return ErrorReply(400, f"invalid request: {exc}", param=getattr(exc, "parameter", None))
         max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
         if max_tokens is not None and max_tokens > self._max_model_len:
             return ErrorReply(
@@ -207,14 +209,20 @@ class VLLMEngine:
         except Exception as exc:  # vLLM raises ValueError / VLLMClientError for bad input
             result = serving.create_error_response(exc)
         if isinstance(result, AsyncIterator):
-            first = True
-            async for chunk in result:
-                if first and self._pull_timed_out(request_id):
+            try:
+                first = await anext(result)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # refused while starting the stream (vLLM validates lazily): nothing sent yet
+                result = serving.create_error_response(exc)
+            else:
+                if self._pull_timed_out(request_id):
                     yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
                     return
-                first = False
-                yield chunk
-            return
+                yield first
+                async for chunk in result:
+                    yield chunk
+                return
         if self._pull_timed_out(request_id):
             yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
             return

@@ -77,14 +77,13 @@ class PhaseRequest:
     endpoint: str
     body: dict
     kv_transfer_params: dict | None = None
-    prefill_only: bool = False
     kv_expires_at: float | None = None  # decode: wall clock after which the prefill side may reuse the KV blocks
 
 
 def prefill_request(endpoint: str, body: dict) -> PhaseRequest:
     shaped = {k: copy.deepcopy(v) for k, v in body.items() if k not in _PREFILL_DROPS}
     shaped["max_tokens"] = 1
-    return PhaseRequest(endpoint, shaped, prefill_request_params(), prefill_only=True)
+    return PhaseRequest(endpoint, shaped, prefill_request_params())
 
 
 def decode_request(endpoint: str, body: dict, kv_transfer_params: dict | None,

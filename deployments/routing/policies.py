@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ..outcomes import Route, RouteReason
 
-PolicyName = Literal["round_robin", "least_loaded", "prefix_affinity"]
 # Characters of the prompt that make up its affinity key: requests sharing this prefix share KV blocks.
 PREFIX_KEY_CHARS = 512
 

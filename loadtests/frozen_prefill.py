@@ -1,0 +1,77 @@
+"""What a frozen prefill replica costs, measured against a running server (`make run`, the default config):
+`python -m loadtests.frozen_prefill`.
+
+Sends long prompts one at a time: first with every prefill replica healthy, then with every prefill replica's
+process tree stopped (SIGSTOP: a hung node looks like this), then again after SIGCONT. Prints each request's
+time, route, reason and fallbacks; writes them to `--out` (JSON). With the default config (one prefill replica)
+a frozen prefill costs its deadline (derived from the prompt size and the measured prefill speed) plus the
+probe, once per replica, until the breaker holds it out; then requests prefill locally at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+
+LONG = "Explain how a steam engine turns heat into motion, step by step, with the history of its invention. " * 18
+
+
+def prefill_pids(app: str = "pdserve") -> list[int]:
+    """Pids of the prefill replicas' actor processes (named SERVE_REPLICA::<app>#PrefillServer#<id>)."""
+    import ray
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#PrefillServer#")]
+    return [ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
+            for n in names]
+
+
+def send(client: httpx.Client, base: str, model: str, phase: str, i: int) -> dict:
+    body = {"model": model, "prompt": f"[{phase} {i} {uuid.uuid4().hex[:8]}] " + LONG, "max_tokens": 8}
+    t0 = time.monotonic()
+    resp = client.post(base + "/v1/completions", json=body)
+    row = {"phase": phase, "status": resp.status_code, "seconds": round(time.monotonic() - t0, 2),
+           "route": resp.headers.get("x-pdserve-route"), "reason": resp.headers.get("x-pdserve-route-reason"),
+           "fallbacks": resp.headers.get("x-pdserve-fallback", "")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--num-requests", type=int, default=4, help="per phase")
+    p.add_argument("--out", default="docs/reliability/frozen-prefill.json")
+    args = p.parse_args(argv)
+    key = os.environ.get("PDSERVE_API_KEY")
+    procs = [q for pid in prefill_pids() for q in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]]
+    rows = []
+    with httpx.Client(timeout=300, headers={"authorization": f"Bearer {key}"} if key else {}) as client:
+        rows += [send(client, args.base, args.model, "healthy", i) for i in range(args.num_requests)]
+        for q in procs:
+            q.send_signal(signal.SIGSTOP)
+        try:
+            rows += [send(client, args.base, args.model, "frozen", i) for i in range(args.num_requests)]
+        finally:
+            for q in procs:
+                q.send_signal(signal.SIGCONT)
+        time.sleep(20)  # past the breaker's cooldown: the replica is probed back
+        rows += [send(client, args.base, args.model, "thawed", i) for i in range(args.num_requests)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0 if all(r["status"] == 200 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
