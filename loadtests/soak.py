@@ -44,7 +44,7 @@ def bad_requests(model: str) -> list[tuple[str, str, dict | bytes, set[int]]]:
         ("min-tokens-long", "/completions", {"model": model, "prompt": LONG, "min_tokens": 5, "max_tokens": 6}, {200}),
         ("beam-search", "/completions", {"model": model, "prompt": LONG, "use_beam_search": True, "max_tokens": 4},
          {200}),
-        ("too-long", "/completions", {"model": model, "prompt": LONG * 4, "max_tokens": 4}, {400}),
+        ("too-long", "/completions", {"model": model, "prompt": LONG * 6, "max_tokens": 4}, {400}),  # > 2,048 tokens
         ("oversized", "/completions", {"model": model, "prompt": "x" * (5 * 1024 * 1024)}, {413}),
         ("wrong-model", "/completions", {"model": "nope", "prompt": "Hi"}, {404}),
     ]
