@@ -12,9 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .api.auth import API_KEY_ENV
 from .models import cache_dir, prepare_default_model, prepare_tiny_model
-from .settings import DEFAULT_MODEL, SettingsError, load_serve_config
+from .settings import API_KEY_ENV, DEFAULT_MODEL, SettingsError, load_serve_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "local-disaggregated.yaml"
 METRICS_PORT = 8080  # Ray's metrics export port, KubeRay's convention

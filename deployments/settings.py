@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_MODEL = "default"
+# Environment variable holding the API key (read by the ingress replica; `pdserve up` passes it on).
+API_KEY_ENV = "PDSERVE_API_KEY"
 
 
 class _Strict(BaseModel):

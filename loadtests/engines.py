@@ -1,34 +1,70 @@
-"""Every engine's own load, asked through Serve (not the metrics target: Ray's exporter drops a gauge that an
-idle engine stops setting, so "no series" there proves nothing). Needs the Ray cluster of the server."""
+"""Engine replicas of a running server, asked through Serve. Needs the Ray cluster of the server.
+
+Load is asked from each engine, not read from the metrics target: Ray's exporter drops a gauge that an idle
+engine stops setting, so "no series" there proves nothing.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 ENGINE_DEPLOYMENTS = ("PrefillServer", "DecodeServer", "ColocatedServer")
 BUSY_KEYS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
 
-def engine_loads() -> dict[str, dict[str, float]]:
-    """``app/deployment/replica`` -> its engine's running and waiting requests and KV cache usage (0..1)."""
+def _connect() -> None:
     import ray
-    from ray import serve
-
-    from deployments.routing import RouteRequest
 
     if not ray.is_initialized():
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    out = {}
+
+
+class ServeReplica(NamedTuple):
+    app: str
+    deployment: str
+    replica: str  # Serve's replica id, as in the x-pdserve-*-replica headers
+
+    @property
+    def actor_name(self) -> str:
+        """The name Serve gives the replica's actor (namespace ``serve``)."""
+        return f"SERVE_REPLICA::{self.app}#{self.deployment}#{self.replica}"
+
+
+def serve_replicas(app: str | None = None, deployment: str | None = None) -> list[ServeReplica]:
+    """Every Serve replica (of one app, one deployment), from the names of the live actors."""
+    import ray
+
+    _connect()
+    out = []
     for actor in ray.util.list_named_actors(all_namespaces=True):
         prefix, _, rest = actor["name"].partition("::")
         if prefix != "SERVE_REPLICA" or rest.count("#") != 2:
             continue
-        app, deployment, replica = rest.split("#")
-        if deployment not in ENGINE_DEPLOYMENTS:
-            continue
-        handle = serve.get_deployment_handle(deployment, app)
-        stats = handle.stats.remote(route=RouteRequest(target=replica)).result(timeout_s=60)
-        out[f"{app}/{deployment}/{replica}"] = {k: stats.get(k) for k in BUSY_KEYS}
+        a, d, replica = rest.split("#")
+        if (app is None or a == app) and (deployment is None or d == deployment):
+            out.append(ServeReplica(a, d, replica))
+    return out
+
+
+def replica_stats(app: str, deployment: str, replica: str, timeout_s: float = 60):
+    """That replica's ``EngineStats`` (its engine's counters and gauges, and the replica's pid)."""
+    from ray import serve
+
+    from deployments.routing import RouteRequest
+
+    _connect()
+    handle = serve.get_deployment_handle(deployment, app)
+    return handle.stats.remote(route=RouteRequest(target=replica)).result(timeout_s=timeout_s)
+
+
+def engine_loads() -> dict[str, dict[str, float]]:
+    """``app/deployment/replica`` -> its engine's running and waiting requests and KV cache usage (0..1)."""
+    out = {}
+    for app, deployment, replica in serve_replicas():
+        if deployment in ENGINE_DEPLOYMENTS:
+            stats = replica_stats(app, deployment, replica)
+            out[f"{app}/{deployment}/{replica}"] = {k: stats.get(k) for k in BUSY_KEYS}
     return out
 
 

@@ -22,18 +22,14 @@ from pathlib import Path
 import httpx
 import psutil
 
+from .engines import replica_stats, serve_replicas
+
 LONG = "Explain how a steam engine turns heat into motion, step by step, with the history of its invention. " * 18
 
 
 def prefill_pids(app: str = "pdserve") -> list[int]:
-    """Pids of the prefill replicas' actor processes (named SERVE_REPLICA::<app>#PrefillServer#<id>)."""
-    import ray
-
-    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{app}#PrefillServer#")]
-    return [ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda self: os.getpid()))
-            for n in names]
+    """Pids of the prefill replicas' processes (each replica reports its own)."""
+    return [replica_stats(*r).pid for r in serve_replicas(app, "PrefillServer")]
 
 
 def send(client: httpx.Client, base: str, model: str, phase: str, i: int) -> dict:

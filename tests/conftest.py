@@ -19,6 +19,8 @@ import httpx
 import pytest
 import yaml
 
+from loadtests.engines import replica_stats, serve_replicas
+
 ROOT = Path(__file__).resolve().parent.parent
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))
 # The e2e cluster runs as a production deployment would: with an API key (PDSERVE_API_KEY in the environment of
@@ -56,24 +58,14 @@ class Cluster:
 
     def stats(self, deployment: str, app: str = "pdserve", replica: str | None = None):
         """Engine counters of one replica of a deployment (a given one, or any)."""
-        from ray import serve
-
-        from deployments.routing import RouteRequest
-
-        handle = serve.get_deployment_handle(deployment, app)
-        return handle.stats.remote(route=RouteRequest(target=replica)).result(timeout_s=60)
+        return replica_stats(app, deployment, replica)
 
     def replicas(self, deployment: str, app: str = "pdserve") -> list[Replica]:
         """Live replicas of a deployment: their Serve replica id (as in x-pdserve-*-replica headers) and pid."""
-        import ray
-
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
         out = []
-        for name in names:
-            rid = name.rsplit("#", 1)[-1]
+        for r in serve_replicas(app, deployment):
             try:
-                out.append(Replica(id=rid, actor_name=name, pid=self.stats(deployment, app, rid).pid))
+                out.append(Replica(id=r.replica, actor_name=r.actor_name, pid=replica_stats(*r).pid))
             except Exception:  # starting or dying: not live
                 continue
         return out

@@ -43,10 +43,9 @@ class Pool:
     ``probe`` asks one replica directly, past Serve's queues, how many requests it holds (None: no answer).
     """
 
-    def __init__(self, name: str, policy: str, breaker: CircuitBreaker,
-                 view: Callable[[], dict[str, ReplicaLoad] | None],
+    def __init__(self, policy: str, breaker: CircuitBreaker, view: Callable[[], dict[str, ReplicaLoad] | None],
                  probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool):
-        self.name, self.policy, self.breaker = name, policy, breaker
+        self.policy, self.breaker = policy, breaker
         self.view, self.probe = view, probe
         self.untargeted_fallback = untargeted_fallback  # every replica excluded: let the router try anyway
 

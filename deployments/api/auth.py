@@ -9,8 +9,7 @@ import hmac
 import os
 
 from ..replies import ErrorReply
-
-API_KEY_ENV = "PDSERVE_API_KEY"
+from ..settings import API_KEY_ENV
 
 
 def api_key() -> str | None:

@@ -90,7 +90,7 @@ def _request_id(request: Request) -> str:
 
 
 def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fallback: bool) -> Pool:
-    return Pool(deployment, policy, breaker, functools.partial(pools.pool_view, deployment),
+    return Pool(policy, breaker, functools.partial(pools.pool_view, deployment),
                 functools.partial(pools.probe, deployment), untargeted_fallback)
 
 

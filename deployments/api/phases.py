@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -90,7 +90,8 @@ class PrefillPhase:
             self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * (reply.num_prompt_tokens / took_s)
 
     async def run(self, req: ClientRequest, route: RouteRequest, trace: Trace) -> PrefillReply | RouteReason:
-        """The KV hand-off, or why the decode replica must prefill locally instead."""
+        """The KV hand-off (its params parsed, ready for the decode engine), or why the decode replica must
+        prefill locally instead."""
         phase_req = prefill_request(req.endpoint, req.body)
         with self.inflight:
             result = await run_attempts(self.pool, Phase.PREFILL, self.settings.num_prefill_attempts, route, trace,
@@ -126,8 +127,8 @@ class PrefillPhase:
             logger.warning("%s: prefill on %s answered %d: %s", trace.request_id, route.target, reply.status,
                            reply.message)
             return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True)
-        try:
-            KVTransferParams.model_validate(reply.kv_transfer_params)  # a malformed hand-off fails here
+        try:  # the hand-off is parsed here, once: a malformed one fails here, not in the decode engine
+            params = KVTransferParams.model_validate(reply.kv_transfer_params)
         except ValidationError as exc:
             logger.warning("%s: prefill on %s returned a malformed hand-off: %s", trace.request_id, route.target, exc)
             return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True,
@@ -136,7 +137,8 @@ class PrefillPhase:
         trace.prefill_replica, trace.kv_bytes = reply.prefill_replica, reply.kv_bytes
         trace.prefill_started_at, trace.prefill_finished_at = reply.started_at, reply.finished_at
         trace.prefill_received_at = time.time()
-        return AttemptResult(Verdict.DONE, value=reply, replica=reply.prefill_replica)
+        handoff = replace(reply, kv_transfer_params=params.for_decode())
+        return AttemptResult(Verdict.DONE, value=handoff, replica=reply.prefill_replica)
 
     async def _timed_out(self, route: RouteRequest, trace: Trace, timeout_s: float) -> AttemptResult[PrefillReply]:
         if trace.remaining_s() <= 0:
@@ -165,8 +167,8 @@ class DecodePhase:
     async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
                     trace: Trace) -> DecodeStream | HandoffFailed | ErrorReply:
         """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
-        kv = KVTransferParams.model_validate(handoff.kv_transfer_params).for_decode() if handoff else None
-        phase_req = decode_request(req.endpoint, req.body, kv, handoff.kv_expires_at if handoff else None)
+        phase_req = decode_request(req.endpoint, req.body, handoff.kv_transfer_params if handoff else None,
+                                   handoff.kv_expires_at if handoff else None)
         result = await run_attempts(self.pool, Phase.DECODE, self.settings.num_decode_attempts, route, trace,
                                     lambda attempt: self._attempt(phase_req, attempt, trace))
         if result is not None and result.value is not None:

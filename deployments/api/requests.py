@@ -26,10 +26,6 @@ class ClientRequest:
     prefix_key: str
     not_transferable: str | None  # why the KV hand-off cannot carry it, or None
 
-    @property
-    def stream(self) -> bool:
-        return self.body.get("stream") is True
-
 
 def prompt_text(body: dict) -> str:
     """The prompt's text, whatever shape the client sent (malformed parts count as nothing: vLLM refuses them)."""
