@@ -16,6 +16,7 @@ def _chat(model, **extra):
 CASES = {
     "malformed-json": (lambda m: b'{"model": "x", "messages": [', 400, "malformed JSON"),
     "not-an-object": (lambda m: b"[1, 2]", 400, "JSON object"),
+    "lone-surrogate": (lambda m: b'{"prompt": "\\ud800 hi", "max_tokens": 2}', 400, "Unicode"),
     "missing-messages": (lambda m: {"model": m, "max_tokens": 4}, 400, "messages"),
     "unknown-field": (lambda m: _chat(m, temperatur=0.5), 400, "temperatur"),
     "internal-field": (lambda m: _chat(m, kv_transfer_params={"do_remote_prefill": True}), 400, "kv_transfer_params"),

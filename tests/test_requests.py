@@ -7,7 +7,7 @@ import pytest
 
 from deployments.api import auth
 from deployments.api.ingress import public
-from deployments.api.requests import estimate_prompt_tokens, inspect, prompt_text
+from deployments.api.requests import estimate_prompt_tokens, inspect, parse_json, prompt_text
 from deployments.kv import internal_fields_in, not_transferable, prefill_request
 from deployments.replies import ErrorReply
 from deployments.settings import LimitSettings
@@ -60,6 +60,20 @@ def test_chat_limits():
 def test_malformed_bodies_are_client_errors(body, status):
     err = check(body)
     assert isinstance(err, ErrorReply) and err.status == status
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "\\ud800 hi"}', b'{"messages": [{"content": "\\udfff"}]}',
+                                 b'{"stop": ["a\\ud83d"]}'])
+def test_lone_surrogates_are_a_client_error(raw):
+    """Regression: an escaped lone surrogate parsed, then broke the ingress's prefix hash: 500."""
+    err = parse_json(raw)
+    assert isinstance(err, ErrorReply) and err.status == 400
+
+
+def test_parse_json():
+    assert parse_json(b'{"prompt": "\\ud83d\\ude00 ok"}') == {"prompt": "\U0001f600 ok"}  # a valid pair
+    for raw in (b"{oops", b"\xff\xfe", b"[" * 100_000):
+        assert parse_json(raw).status == 400
 
 
 def test_chat_needs_messages():

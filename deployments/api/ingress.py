@@ -25,7 +25,7 @@ from ..settings import PDServeSettings
 from . import auth
 from .attempts import Pool
 from .phases import DeadlineExceeded, DecodePhase, DecodeStream, Overloaded, PrefillPhase
-from .requests import ClientRequest, inspect
+from .requests import ClientRequest, inspect, parse_json
 from .trace import Trace
 
 logger = logging.getLogger("ray.serve.pdserve.ingress")  # under Serve's logger: lands in the replica log
@@ -210,10 +210,9 @@ class Ingress:
         raw = await self._read_body(request)
         if isinstance(raw, ErrorReply):
             return self._refuse(raw, trace)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return self._refuse(ErrorReply(400, "malformed JSON body"), trace)
+        body = parse_json(raw)
+        if isinstance(body, ErrorReply):
+            return self._refuse(body, trace)
         req = inspect(endpoint, body, self.model_name, self.settings.limits, self.settings.engine.max_model_len)
         if isinstance(req, ErrorReply):
             return self._refuse(req, trace)

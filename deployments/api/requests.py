@@ -8,6 +8,7 @@ KV hand-off can carry the request). Every check is a pure function of the body.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..kv import internal_fields_in, not_transferable
@@ -55,6 +56,19 @@ def estimate_prompt_tokens(body: dict) -> int:
     if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
         return sum(len(p) for p in prompt)
     return max(1, len(prompt_text(body)) // 4)
+
+
+def parse_json(raw: bytes):
+    """The JSON document, or the 400 that refuses it. Python's parser accepts escaped lone surrogates
+    (``"\\ud800"``), which are not text: they would fail later, in hashing or tokenizing, as a server error."""
+    try:
+        body = json.loads(raw)
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeError:
+        return ErrorReply(400, "malformed JSON body: not valid Unicode text (a lone surrogate escape?)")
+    except (ValueError, RecursionError):
+        return ErrorReply(400, "malformed JSON body")
+    return body
 
 
 def _int(body: dict, name: str) -> int | None:
