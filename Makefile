@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run down status test test-unit lint clean prometheus bench fuzz soak
+.PHONY: install run run-multinode down status test test-unit lint clean prometheus bench fuzz soak
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 
 run: install
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/pdserve up $(if $(CONFIG),--config $(CONFIG),)
+
+# Head, prefill and decode nodes, each a network namespace with its own address (root, iproute2):
+# cluster/local-multinode.yaml. `make down` removes it all, namespaces included.
+run-multinode: install
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/pdserve up --topology $(or $(TOPOLOGY),cluster/local-multinode.yaml)
 
 down:
 	$(BIN)/pdserve down

@@ -35,9 +35,10 @@ def _pool_options(pool: PoolSettings, settings: PDServeSettings, policy: str) ->
 def build_app(args: dict | PDServeSettings, ingress_env: dict[str, str] | None = None) -> Application:
     """``ingress_env``: environment of the ingress replica only (``pdserve up`` passes ``PDSERVE_API_KEY``)."""
     settings = args if isinstance(args, PDServeSettings) else parse_settings(args)
-    ingress = Ingress
+    actor_options = {"num_cpus": 0, "resources": settings.ingress.ray_resources}
     if ingress_env:
-        ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ingress_env}})
+        actor_options["runtime_env"] = {"env_vars": ingress_env}
+    ingress = Ingress.options(ray_actor_options=actor_options)
     if settings.mode == "colocated":
         engines = DecodeServer.options(
             name="ColocatedServer", **_pool_options(settings.colocated, settings, settings.routing.decode_policy))

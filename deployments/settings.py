@@ -152,6 +152,17 @@ class PoolSettings(_Strict):
         default_factory=dict,
         description="Ray custom resources per replica, e.g. {'pdserve_prefill': 1}, to pin the pool to nodes.",
     )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of this pool's engines, e.g. UCX_TLS / UCX_NET_DEVICES to pin KV transfer to one "
+        "network interface; it wins over the node's environment.",
+    )
+    nixl_side_channel_port_base: int | None = Field(
+        None, ge=1024, le=65000, description="NIXL side channel port of the replica with local rank 0 on a node; "
+        "rank r gets base + r, or while that port is still held (a replica of that rank shutting down) the first free "
+        "one of base+32 .. base+63: open base .. base+63 between nodes. None: 5600 for prefill, 5700 for decode. "
+        "VLLM_NIXL_SIDE_CHANNEL_HOST/PORT set on the node or in 'env' win.",
+    )
 
     def bind_for(self, local_rank: int) -> str | None:
         return self.cpu_bind[local_rank % len(self.cpu_bind)] if self.cpu_bind else None
@@ -161,6 +172,13 @@ class SLOSettings(_Strict):
     ttft_s: float = Field(5.0, gt=0, description="Time-to-first-token target of a request, in seconds.")
     itl_s: float = Field(
         0.1, gt=0, description="Inter-token latency target: the mean gap between output tokens (TPOT), in seconds."
+    )
+
+
+class IngressSettings(_Strict):
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources of the ingress replica, e.g. {'pdserve_head': 1}: "
+        "keep it off the engine nodes, so that losing one does not take the API with it.",
     )
 
 
@@ -186,6 +204,7 @@ class PDServeSettings(_Strict):
     routing: RoutingSettings = Field(default_factory=RoutingSettings, description="Routing, retries, deadlines.")
     slo: SLOSettings = Field(default_factory=SLOSettings, description="Targets that define goodput.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="Placement of the ingress.")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Per-request caps.")
     request_timeout_s: float = Field(
         600, gt=0, description="End-to-end deadline of a request, from arrival to its last byte: past it the client "

@@ -21,6 +21,7 @@ from deployments.routing import ReplicaLoad
 from deployments.settings import PDServeSettings
 
 # What a fake replica does with a call, by name: see FakePool.script.
+FAKE_PREFILL_NODE, FAKE_DECODE_NODE = "10.9.0.1", "10.9.0.2"  # Ray node addresses the fake replicas report
 OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM = (
     "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream")
 
@@ -96,7 +97,8 @@ class FakePrefillHandle:
                                 "remote_engine_id": f"e-{replica}",
                                 "remote_request_id": "r1", "remote_block_ids": [1, 2], "remote_host": "127.0.0.1",
                                 "remote_port": 5600},
-            num_prompt_tokens=self.num_prompt_tokens, prefill_replica=replica, started_at=started,
+            num_prompt_tokens=self.num_prompt_tokens, prefill_replica=replica, prefill_node=FAKE_PREFILL_NODE,
+            started_at=started,
             finished_at=finished, kv_bytes=1024, kv_expires_at=finished + self.kv_lease_s)
 
 
@@ -134,7 +136,7 @@ class FakeDecodeHandle:
             raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
         if behaviour == DIE:
             raise RayError(f"ActorDiedError: replica {replica} at 10.1.2.3")
-        yield ReplicaTag(replica, time.time())
+        yield ReplicaTag(replica, time.time(), FAKE_DECODE_NODE)
         if behaviour == STALL:
             await asyncio.sleep(3600)
         if behaviour == ERROR_5XX:

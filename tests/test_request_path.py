@@ -24,6 +24,8 @@ from tests.fakes import (
     DIE,
     ERROR_4XX,
     ERROR_5XX,
+    FAKE_DECODE_NODE,
+    FAKE_PREFILL_NODE,
     KV_TIMEOUT,
     OK,
     STALL,
@@ -71,6 +73,10 @@ def test_long_prompt_is_disaggregated_and_the_client_body_is_not_changed():
     assert decode_req.body == before and decode_req.kv_transfer_params["remote_engine_id"] == "e-p1"
     assert decode_req.kv_expires_at is not None
     assert replies[-1] == "data: [DONE]\n\n"
+    assert (trace.prefill_node, trace.decode_node) == (FAKE_PREFILL_NODE, FAKE_DECODE_NODE)
+    h = trace.headers()
+    assert (h["x-pdserve-prefill-node"], h["x-pdserve-decode-node"]) == (FAKE_PREFILL_NODE, FAKE_DECODE_NODE)
+    assert trace.timing()["prefill_node"] == FAKE_PREFILL_NODE
 
 
 @pytest.mark.parametrize("extra, why", [
@@ -240,6 +246,7 @@ def test_kv_pull_timeout_prefills_locally_and_blames_the_prefill_replica():
     replies, trace = serve(ingress, LONG)
     assert isinstance(replies[0], JsonReply)
     assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.KV_PULL_FAILED and trace.kv_bytes == 0
+    assert trace.prefill_node is None and "x-pdserve-prefill-node" not in trace.headers()
     assert decode.calls[1][1].kv_transfer_params is None
     assert trace.fallbacks == [Failure.KV_PULL_TIMEOUT]
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN  # threshold 1 here

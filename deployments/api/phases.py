@@ -134,7 +134,8 @@ class PrefillPhase:
             return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True,
                                  replica=reply.prefill_replica)
         self._measured(reply)
-        trace.prefill_replica, trace.kv_bytes = reply.prefill_replica, reply.kv_bytes
+        trace.prefill_replica, trace.prefill_node = reply.prefill_replica, reply.prefill_node
+        trace.kv_bytes = reply.kv_bytes
         trace.prefill_started_at, trace.prefill_finished_at = reply.started_at, reply.finished_at
         trace.prefill_received_at = time.time()
         handoff = replace(reply, kv_transfer_params=params.for_decode())
@@ -196,7 +197,7 @@ class DecodePhase:
             logger.warning("%s: decode on %s failed before its first reply: %r", trace.request_id, route.target, exc)
             return AttemptResult(Verdict.RETRY, failure=Failure.DECODE_REPLICA_DIED, replica_at_fault=True)
         assert isinstance(tag, ReplicaTag), tag
-        trace.decode_replica, trace.decode_started_at = tag.replica, tag.started_at
+        trace.decode_replica, trace.decode_node, trace.decode_started_at = tag.replica, tag.node, tag.started_at
         if isinstance(first, HandoffFailed):  # nothing ran on the engine; serve_request decides what follows
             stream.cancel()
             return AttemptResult(Verdict.STOP, value=first, replica=tag.replica)

@@ -28,6 +28,8 @@ class Trace:
     reason: RouteReason = RouteReason.COLOCATED_MODE
     prefill_replica: str | None = None
     decode_replica: str | None = None
+    prefill_node: str | None = None  # Ray node addresses of the replicas above
+    decode_node: str | None = None
     attempts: dict[Phase, int] = field(default_factory=lambda: dict.fromkeys(Phase, 0))
     fallbacks: list[Failure] = field(default_factory=list)
     arrived_at: float = field(default_factory=time.time)
@@ -49,7 +51,7 @@ class Trace:
         """The prompt is prefilled on the decode replica: from the start, or after the hand-off was abandoned."""
         self.route, self.reason = Route.LOCAL_PREFILL, reason
         self.prefill_started_at = self.prefill_finished_at = self.prefill_received_at = None
-        self.prefill_replica, self.kv_bytes = None, 0
+        self.prefill_replica, self.prefill_node, self.kv_bytes = None, None, 0
 
     @property
     def num_retries(self) -> int:
@@ -62,6 +64,10 @@ class Trace:
             h["x-pdserve-prefill-replica"] = self.prefill_replica
         if self.decode_replica:
             h["x-pdserve-decode-replica"] = self.decode_replica
+        if self.prefill_node:
+            h["x-pdserve-prefill-node"] = self.prefill_node
+        if self.decode_node:
+            h["x-pdserve-decode-node"] = self.decode_node
         if self.fallbacks:
             h["x-pdserve-fallback"] = ",".join(map(str, self.fallbacks))
         return h
@@ -91,7 +97,8 @@ class Trace:
     def timing(self) -> dict:
         """The breakdown plus who served the request: what clients get and what the log line says."""
         return self.breakdown() | {"route": str(self.route), "prefill_replica": self.prefill_replica,
-                                   "decode_replica": self.decode_replica, "kv_bytes": self.kv_bytes}
+                                   "decode_replica": self.decode_replica, "prefill_node": self.prefill_node,
+                                   "decode_node": self.decode_node, "kv_bytes": self.kv_bytes}
 
     def timing_header(self) -> str:
         return json.dumps(self.timing(), separators=(",", ":"))

@@ -246,7 +246,7 @@ class VLLMEngine:
                 "num_waiting": int(v.get("vllm:num_requests_waiting", 0)),
                 "kv_cache_usage": float(v.get("vllm:kv_cache_usage_perc", 0.0))}
 
-    def stats(self, replica: str) -> EngineStats:
+    def stats(self, replica: str, node: str = "") -> EngineStats:
         """Sum of each ``vllm:*`` sample of this process's Prometheus registry (the engine's own stat logger)."""
         from prometheus_client import REGISTRY
 
@@ -258,4 +258,4 @@ class VLLMEngine:
                 if sample.name.endswith(("_created", "_bucket")):
                     continue
                 values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
-        return EngineStats(replica=replica, role=self.spec.role, pid=os.getpid(), values=values)
+        return EngineStats(replica=replica, role=self.spec.role, pid=os.getpid(), node=node, values=values)

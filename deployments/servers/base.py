@@ -20,10 +20,25 @@ from ..settings import PDServeSettings, PoolSettings
 logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: lands in the replica log
 
 
-def _free_port(host: str) -> int:
+DEFAULT_PORT_BASE = {"prefill": 5600, "decode": 5700, "colocated": 5800}
+NUM_SPARE_PORTS = 32  # base+32 .. base+63: for a replica whose rank's port is still held
+
+
+def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def side_channel_port(host: str, base: int, local_rank: int) -> int:
+    """The replica's NIXL side channel port: base + its local rank on the node, from a fixed range."""
+    for port in [base + local_rank, *range(base + NUM_SPARE_PORTS, base + 2 * NUM_SPARE_PORTS)]:
+        if _port_free(host, port):
+            return port
+    raise RuntimeError(f"no free NIXL side channel port on {host} in {base}..{base + 2 * NUM_SPARE_PORTS - 1}")
 
 
 def pool_of(settings: PDServeSettings, role: Role) -> PoolSettings:
@@ -32,8 +47,8 @@ def pool_of(settings: PDServeSettings, role: Role) -> PoolSettings:
 
 class EngineServer:
     """Base of the prefill and decode deployments. Each replica gets a unique engine id and NIXL side
-    channel (a free port on the node's Ray IP, so peers on other nodes can reach it) and binds its engine
-    to the cores its pool names for the replica's local rank."""
+    channel (on the node's Ray address, so that peers on other nodes reach it, with a port from the pool's fixed
+    range) and binds its engine to the cores its pool names for the replica's local rank."""
 
     role: Role
 
@@ -42,14 +57,20 @@ class EngineServer:
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id  # the id Serve's router knows this replica by
         pool = pool_of(settings, role)
-        host = ray.util.get_node_ip_address()
+        self.node = ray.util.get_node_ip_address()
+        local_rank = ctx.rank.local_rank if ctx.rank else 0
         env = {
-            "VLLM_NIXL_SIDE_CHANNEL_HOST": host,
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port(host)),
             "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kv_cache_space_gib),
             DELAY_ENV: str(settings.kv_connector.nixl_progress_delay_us),
-        }
-        bind = pool.bind_for(ctx.rank.local_rank if ctx.rank else 0)
+        } | pool.env
+        # The side channel listens on the node's address (peers on other nodes connect to it) and a port from
+        # the pool's range; an operator's own VLLM_NIXL_SIDE_CHANNEL_HOST/PORT (node or pool env) win.
+        env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", self.node))
+        if "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env and "VLLM_NIXL_SIDE_CHANNEL_PORT" not in os.environ:
+            base = pool.nixl_side_channel_port_base or DEFAULT_PORT_BASE[role]
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel_port(env["VLLM_NIXL_SIDE_CHANNEL_HOST"], base,
+                                                                       local_rank))
+        bind = pool.bind_for(local_rank)
         if bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         spec = EngineSpec(
@@ -75,7 +96,7 @@ class EngineServer:
 
     async def stats(self, route=None) -> EngineStats:
         """This engine's counters; ``route=RouteRequest(target=<replica id>)`` asks one replica in particular."""
-        return self.engine.stats(self.replica)
+        return self.engine.stats(self.replica, self.node)
 
     async def __del__(self):
         engine = getattr(self, "engine", None)

@@ -28,7 +28,7 @@ class DecodeServer(EngineServer):
 
         A hand-off whose lease would run out before a pull could finish (the request waited, or was retried
         late) is not used: the prefill engine may already have reused those blocks."""
-        yield ReplicaTag(self.replica, time.time())
+        yield ReplicaTag(self.replica, time.time(), self.node)
         spec = self.engine.spec
         if not handoff_usable(req.kv_expires_at, time.time(), spec.kv_pull_timeout_s):
             yield HandoffFailed(Failure.KV_LEASE_EXPIRED)

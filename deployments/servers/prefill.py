@@ -32,7 +32,7 @@ class PrefillServer(EngineServer):
         finished_at = time.time()
         return PrefillReply(
             kv_transfer_params=reply.body["kv_transfer_params"], num_prompt_tokens=num_prompt_tokens,
-            prefill_replica=self.replica, started_at=started_at, finished_at=finished_at,
+            prefill_replica=self.replica, prefill_node=self.node, started_at=started_at, finished_at=finished_at,
             kv_bytes=num_prompt_tokens * self.engine.kv_bytes_per_token,
             kv_expires_at=finished_at + self.engine.spec.kv_lease_s,
         )
