@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run run-multinode down status test test-unit lint clean prometheus bench fuzz soak
+.PHONY: install run run-multinode down status test test-unit lint clean prometheus bench fuzz soak chaos
 
 install: $(STAMP)
 
@@ -70,6 +70,12 @@ fuzz: install
 
 soak: install
 	$(BIN)/python -m loadtests.soak $(SOAK_ARGS)
+
+# Faults under steady locust load on a local multi-node cluster (root): prefill node killed or frozen, one of two
+# decode nodes killed, the prefill<->decode link cut, delayed and lossy (loadtests/chaos.py). Starts and removes
+# its own cluster (stop any `make run` first). Results: docs/chaos/ and docs/reliability.md.
+chaos: install
+	$(BIN)/python -m loadtests.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

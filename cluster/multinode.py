@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,8 +115,6 @@ def preflight() -> str | None:
     """Why a multi-node cluster cannot start here, or None."""
     if shutil.which("ip") is None:
         return "iproute2 ('ip') is not installed"
-    import os
-
     if os.geteuid() != 0:
         return "network namespaces need root"
     if _ip("netns", "list", check=False).returncode != 0:
@@ -142,7 +141,7 @@ def _network_up(topo: Topology) -> None:
         _ip("-n", ns, "link", "set", "lo", "up")
 
 
-def _ray_start(topo: Topology, node: NodeSpec, ray_bin: str) -> None:
+def _ray_start(topo: Topology, node: NodeSpec, ray_bin: str, env: dict[str, str]) -> None:
     argv = [ray_bin, "start", f"--node-ip-address={topo.address(node)}", f"--num-cpus={node.num_cpus:g}",
             f"--resources={json.dumps(node.ray_resources())}", f"--metrics-export-port={METRICS_PORT}",
             f"--temp-dir={temp_dir(node)}", "--disable-usage-stats"]
@@ -150,13 +149,15 @@ def _ray_start(topo: Topology, node: NodeSpec, ray_bin: str) -> None:
         argv += ["--head", f"--port={RAY_PORT}", "--include-dashboard=false"]
     else:
         argv += [f"--address={topo.address(topo.head)}:{RAY_PORT}"]
-    done = subprocess.run(in_namespace(namespace(node), argv), capture_output=True, text=True)
+    done = subprocess.run(in_namespace(namespace(node), argv), capture_output=True, text=True,
+                          env=os.environ | env)
     if done.returncode != 0:
         raise RuntimeError(f"ray start on node {node.name} failed:\n{done.stderr[-2000:]}")
 
 
-def start(topo: Topology, ray_bin: str) -> dict:
-    """Namespaces, bridge and one Ray node per namespace; returns the state ``stop`` needs."""
+def start(topo: Topology, ray_bin: str, env: dict[str, str] | None = None) -> dict:
+    """Namespaces, bridge and one Ray node per namespace (with ``env`` added to their environment); returns the
+    state ``stop`` needs."""
     state = {"bridge": topo.bridge, "namespaces": [namespace(n) for n in topo.nodes],
              "veths": [veth_name(topo, i) for i in range(len(topo.nodes))],
              "temp_dirs": [temp_dir(n) for n in topo.nodes],
@@ -169,7 +170,7 @@ def start(topo: Topology, ray_bin: str) -> dict:
         _say("network: " + ", ".join(f"{n.name} ({n.role}) {topo.address(n)}" for n in topo.nodes)
              + f"; host {topo.host_address()} on bridge {topo.bridge}")
         for node in sorted(topo.nodes, key=lambda n: n.role != "head"):
-            _ray_start(topo, node, ray_bin)
+            _ray_start(topo, node, ray_bin, env or {})
             _say(f"ray node {node.name} started ({time.monotonic() - t0:.0f} s)")
     except (subprocess.CalledProcessError, RuntimeError) as exc:
         detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else ""

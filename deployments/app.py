@@ -9,19 +9,38 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from .api import Ingress
+from .routing.autoscaling import PoolAutoscalingPolicy
 from .servers import DecodeServer, PrefillServer
 from .settings import PDServeSettings, PoolSettings, parse_settings
 
 
-def _pool_options(pool: PoolSettings, settings: PDServeSettings, policy: str) -> dict:
+def _autoscaling_config(pool: PoolSettings, settings: PDServeSettings, role: str) -> dict:
+    a = pool.autoscaling
+    target = a.target_per_replica or (2048 if role == "prefill" else max(1.0, settings.engine.max_num_seqs / 2))
     return {
-        "num_replicas": pool.num_replicas,
+        "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+        "initial_replicas": min(max(pool.num_replicas, a.min_replicas), a.max_replicas),
+        "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+        "look_back_period_s": a.look_back_period_s, "metrics_interval_s": a.metrics_interval_s,
+        "policy": {"policy_function": PoolAutoscalingPolicy,
+                   "policy_kwargs": {"role": role, "target_per_replica": target,
+                                     "target_kv_cache_usage": a.target_kv_cache_usage}},
+    }
+
+
+def _pool_options(settings: PDServeSettings, role: str) -> dict:
+    pool = {"prefill": settings.prefill, "decode": settings.decode, "colocated": settings.colocated}[role]
+    policy = settings.routing.prefill_policy if role == "prefill" else settings.routing.decode_policy
+    size = ({"autoscaling_config": _autoscaling_config(pool, settings, role)} if pool.autoscaling
+            else {"num_replicas": pool.num_replicas})
+    return size | {
         "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": pool.ray_resources},
         # One engine batches up to max_num_seqs; let Serve queue a little more before routing elsewhere.
         "max_ongoing_requests": 2 * settings.engine.max_num_seqs,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 10,
+        # A replica leaving (scale-down, redeploy) first finishes what it holds; no request outlives its deadline.
+        "graceful_shutdown_timeout_s": settings.request_timeout_s + settings.routing.kv_lease_s,
         # Bounded queue per pool: beyond it the handle raises BackPressureError and the API answers 429.
         "max_queued_requests": settings.routing.max_queued_requests,
         "request_router_config": RequestRouterConfig(
@@ -41,10 +60,10 @@ def build_app(args: dict | PDServeSettings, ingress_env: dict[str, str] | None =
     ingress = Ingress.options(ray_actor_options=actor_options)
     if settings.mode == "colocated":
         engines = DecodeServer.options(
-            name="ColocatedServer", **_pool_options(settings.colocated, settings, settings.routing.decode_policy))
+            name="ColocatedServer", **_pool_options(settings, "colocated"))
         return ingress.bind(settings, None, engines.bind(settings, "colocated"))
-    prefill = PrefillServer.options(**_pool_options(settings.prefill, settings, settings.routing.prefill_policy))
+    prefill = PrefillServer.options(**_pool_options(settings, "prefill"))
     prefill = prefill.bind(settings, "prefill")
-    decode = DecodeServer.options(**_pool_options(settings.decode, settings, settings.routing.decode_policy))
+    decode = DecodeServer.options(**_pool_options(settings, "decode"))
     decode = decode.bind(settings, "decode")
     return ingress.bind(settings, prefill, decode)

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from .models import cache_dir, prepare_default_model, prepare_tiny_model
-from .settings import API_KEY_ENV, DEFAULT_MODEL, SettingsError, load_serve_config
+from .settings import API_KEY_ENV, DEFAULT_MODEL, RAY_NODE_ENV, SettingsError, load_serve_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "local-disaggregated.yaml"
 METRICS_PORT = 8080  # Ray's metrics export port, KubeRay's convention
@@ -49,7 +49,7 @@ def _connect(start_if_missing: bool, num_cpus: int) -> bool:
     subprocess.run(
         [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
          "--disable-usage-stats", "--include-dashboard=false"],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True, stdout=subprocess.DEVNULL, env=os.environ | RAY_NODE_ENV,
     )
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     return True
@@ -123,7 +123,7 @@ def cmd_up_multinode(args) -> int:
     if any(s.model.source == DEFAULT_MODEL for _, s in apps):
         prepare_default_model()  # once, before the nodes start: their replicas share this machine's cache folder
     try:
-        state = multinode.start(topo, ray_cli())
+        state = multinode.start(topo, ray_cli(), RAY_NODE_ENV)
     except RuntimeError as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 1

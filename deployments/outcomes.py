@@ -29,6 +29,7 @@ class RouteReason(StrEnum):
     PREFILL_REFUSED = "prefill_refused"  # the prefill-only run got 4xx: the decode engine judges the request
     KV_PULL_FAILED = "kv_pull_failed"  # the decode engine could not pull the KV in time
     KV_LEASE_EXPIRED = "kv_lease_expired"  # the hand-off was older than the prefill side's lease
+    KV_INCOMPATIBLE = "kv_incompatible"  # the prefill engine's KV layout or model differs from the decode engine's
     NOT_TRANSFERABLE = "not_transferable"  # several prompts, n > 1, beam search, echo or prompt logprobs
     COLOCATED_MODE = "colocated_mode"
     REFUSED = "refused"  # refused at the ingress (4xx) before any routing
@@ -47,6 +48,7 @@ class Failure(StrEnum):
     DECODE_ERROR = "decode_error"  # the decode replica answered a server error before its first token
     KV_PULL_TIMEOUT = "kv_pull_timeout"
     KV_LEASE_EXPIRED = "kv_lease_expired"
+    KV_INCOMPATIBLE = "kv_incompatible"  # the prefill engine's KV layout differs from the decode engine's
     STREAM_INTERRUPTED = "stream_interrupted"  # after tokens went out: the stream ends with an error event
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's end-to-end deadline passed
 

@@ -48,6 +48,7 @@ class PrefillReply:
     finished_at: float  # ... and finished
     kv_bytes: int  # KV cache bytes held for the decode engine
     kv_expires_at: float  # wall clock: the prefill engine may reuse the blocks after this (its kv_lease_s)
+    kv_fingerprint: str = ""  # the prefill engine's KV compatibility fingerprint (VLLMEngine.kv_fingerprint)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_MODEL = "default"
 # Environment variable holding the API key (read by the ingress replica; `pdserve up` passes it on).
 API_KEY_ENV = "PDSERVE_API_KEY"
+# Environment of the Ray nodes pdserve starts (and of the chart's head). Serve stops a replica that failed its health
+# check gracefully by default, which for a frozen replica means holding its CPU/GPU until graceful_shutdown_timeout_s
+# (long: a healthy replica leaving drains its in-flight streams). A replica that failed its health check is
+# force-stopped instead.
+RAY_NODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
 
 
 class _Strict(BaseModel):
@@ -139,8 +144,40 @@ class LimitSettings(_Strict):
     max_messages: int = Field(512, ge=1, description="Most messages in one chat request.")
 
 
+class AutoscalingSettings(_Strict):
+    """Ray Serve autoscaling of one pool on its own signal (deployments/routing/autoscaling.py)."""
+
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas of the pool.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas of the pool.")
+    target_per_replica: float | None = Field(
+        None, gt=0, description="Load one replica should carry. Prefill: prompt tokens it holds (queued and running "
+        "prefills), default 2048; decode: running + waiting sequences, default max_num_seqs / 2.",
+    )
+    target_kv_cache_usage: float = Field(
+        0.8, gt=0, le=1, description="Decode only: the mean KV cache usage above which the pool grows."
+    )
+    upscale_delay_s: float = Field(10, ge=0, description="How long the signal must ask for more before scaling up.")
+    downscale_delay_s: float = Field(
+        60, ge=0, description="How long the signal must ask for fewer before scaling down. A replica leaving first "
+        "drains: it takes no new requests and finishes the ones it holds (up to request_timeout_s).",
+    )
+    look_back_period_s: float = Field(10, gt=0, description="Window over which each replica's reports are averaged.")
+    metrics_interval_s: float = Field(2, gt=0, description="How often each replica reports its load.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
 class PoolSettings(_Strict):
-    num_replicas: int = Field(1, ge=1, description="Engine replicas in this pool.")
+    num_replicas: int = Field(
+        1, ge=1, description="Engine replicas in this pool (with autoscaling: how many to start with)."
+    )
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Scale the pool between min and max replicas on its own load signal; None: fixed size."
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on CPU).")
     num_cpus: float = Field(1, ge=0, description="Ray logical CPUs per replica.")
     cpu_bind: list[str] = Field(

@@ -22,6 +22,7 @@ from deployments.settings import PDServeSettings
 
 # What a fake replica does with a call, by name: see FakePool.script.
 FAKE_PREFILL_NODE, FAKE_DECODE_NODE = "10.9.0.1", "10.9.0.2"  # Ray node addresses the fake replicas report
+FAKE_KV_FINGERPRINT = "fp-model-a"  # the decode replicas' KV layout; a prefill replica may report another
 OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM = (
     "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream")
 
@@ -70,8 +71,10 @@ class _Response:
 
 
 class FakePrefillHandle:
-    def __init__(self, pool: FakePool, num_prompt_tokens: int = 500, kv_lease_s: float = 30):
+    def __init__(self, pool: FakePool, num_prompt_tokens: int = 500, kv_lease_s: float = 30,
+                 kv_fingerprint: str = FAKE_KV_FINGERPRINT):
         self.pool, self.num_prompt_tokens, self.kv_lease_s = pool, num_prompt_tokens, kv_lease_s
+        self.kv_fingerprint = kv_fingerprint
         self.prefill = self
 
     def remote(self, req, route=None):
@@ -99,7 +102,8 @@ class FakePrefillHandle:
                                 "remote_port": 5600},
             num_prompt_tokens=self.num_prompt_tokens, prefill_replica=replica, prefill_node=FAKE_PREFILL_NODE,
             started_at=started,
-            finished_at=finished, kv_bytes=1024, kv_expires_at=finished + self.kv_lease_s)
+            finished_at=finished, kv_bytes=1024, kv_expires_at=finished + self.kv_lease_s,
+            kv_fingerprint=self.kv_fingerprint)
 
 
 class _Stream:
@@ -150,6 +154,9 @@ class FakeDecodeHandle:
             return
         if req.kv_expires_at is not None and time.time() >= req.kv_expires_at:
             yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
+            return
+        if req.kv_transfer_params is not None and req.kv_fingerprint != FAKE_KV_FINGERPRINT:  # as DecodeServer
+            yield HandoffFailed(Failure.KV_INCOMPATIBLE)
             return
         if not req.body.get("stream"):
             yield JsonReply({"choices": [{"text": "fake"}], "served_by": replica})

@@ -8,6 +8,7 @@ Only HTTP and the nodes' metrics targets are used from here: a Ray driver would 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +38,15 @@ def _test_configs(tmp: Path) -> Path:
     colo = {"name": "colocated", "route_prefix": "/colocated", "import_path": pd["import_path"],
             "args": {k: v for k, v in pd["args"].items() if k not in ("prefill", "decode", "routing")}
             | {"mode": "colocated", "colocated": pd["args"]["decode"] | {"cpu_bind": ["0"]}}}
+    # Both pools autoscale between 1 and 2 replicas on their own signal, quickly (logical CPUs: 2 per node).
+    quick = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 15,
+             "look_back_period_s": 4, "metrics_interval_s": 1}
+    pd["args"]["prefill"]["autoscaling"] = quick | {"target_per_replica": 600}
+    pd["args"]["decode"]["autoscaling"] = quick | {"target_per_replica": 2}
     (tmp / "serve.yaml").write_text(yaml.safe_dump({"applications": [pd, colo]}))
     topo = yaml.safe_load((ROOT / "cluster/local-multinode.yaml").read_text()) | {"serve_config": "serve.yaml"}
+    for node in topo["nodes"]:  # room for the colocated engine beside two decode replicas
+        node["num_cpus"] += node["role"] == "decode"
     (tmp / "topology.yaml").write_text(yaml.safe_dump(topo))
     return tmp / "topology.yaml"
 
@@ -130,6 +138,57 @@ def test_every_node_is_a_metrics_target(nodes, tmp_path):
     targets = yaml.safe_load(config.read_text())["scrape_configs"][0]["static_configs"]
     assert sorted(t["targets"][0] for t in targets) == sorted(f"{a}:{multinode.METRICS_PORT}" for _, a in
                                                               nodes.values())
+
+
+def _replicas(deployment: str) -> int:
+    out = subprocess.run([PDSERVE, "status"], capture_output=True, text=True, timeout=120).stdout
+    match = re.search(rf"{deployment}: \w+ {{(.*?)}}", out)
+    return int((re.search(r"'RUNNING': (\d+)", match.group(1)) or [0, 0])[1]) if match else 0
+
+
+def _load_until(api, body_of, scaled, timeout_s: float = 240) -> list[httpx.Response]:
+    """Steady load (4 clients) until ``scaled()`` holds; every response."""
+    stop, resps = time.monotonic() + timeout_s, []
+
+    def client(c: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            resps.append(api.post("/v1/completions", json=body_of(f"{c}-{i}")))
+            i += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, c) for c in range(4)]
+        while not scaled():
+            assert time.monotonic() < stop, "the pool did not scale up under load"
+            time.sleep(3)
+        stop = time.monotonic()
+        for f in futures:
+            f.result(timeout=300)
+    return resps
+
+
+def _wait_replicas(deployment: str, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _replicas(deployment) != count:
+        assert time.monotonic() < deadline, f"{deployment} not back to {count} replica(s)"
+        time.sleep(3)
+
+
+def test_pools_scale_up_and_down_independently_without_failed_requests(api):
+    """Long outputs load the decode pool: it grows, the prefill pool stays; at idle it shrinks back, draining.
+    Then long prompts with one output token load the prefill pool on its own signal."""
+    assert (_replicas("PrefillServer"), _replicas("DecodeServer")) == (1, 1)
+    decode_heavy = _load_until(api, lambda tag: {"model": MODEL, "prompt": tagged(f"dh-{tag}", long_prompt(8)),
+                                                 "max_tokens": 48, "temperature": 0, "ignore_eos": True},
+                               lambda: _replicas("DecodeServer") == 2)
+    assert _replicas("PrefillServer") == 1
+    _wait_replicas("DecodeServer", 1)
+    prefill_heavy = _load_until(api, lambda tag: {"model": MODEL, "prompt": tagged(f"ph-{tag}", long_prompt(40)),
+                                                  "max_tokens": 1, "temperature": 0},
+                                lambda: _replicas("PrefillServer") == 2)
+    _wait_replicas("PrefillServer", 1)
+    resps = decode_heavy + prefill_heavy
+    assert resps and [r.status_code for r in resps] == [200] * len(resps), [r.text for r in resps if r.is_error]
 
 
 def test_cut_link_every_request_answers(nodes, api):

@@ -181,12 +181,19 @@ def test_autoscaling_is_independent_per_deployment_and_per_worker_group(rendered
     rayservice = rayservice_of(rendered("autoscaling-values.yaml"))
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["upscalingMode"] == "Default"
+    # Each pool scales on its own signal: pdserve's settings carry the bounds, the app builds Serve's config.
+    scaled = settings_of(rendered("autoscaling-values.yaml"))
+    prefill, decode = scaled.prefill.autoscaling, scaled.decode.autoscaling
+    assert (prefill.min_replicas, prefill.max_replicas, prefill.target_per_replica) == (1, 4, 4096)
+    assert (decode.min_replicas, decode.max_replicas, decode.target_per_replica) == (2, 8, 16)
+    assert decode.target_kv_cache_usage == 0.7 and scaled.decode.num_replicas == 2
+    built = ht.app_deployments(scaled)
+    for deployment, role in (("PrefillServer", "prefill"), ("DecodeServer", "decode")):
+        config = built[deployment]._deployment_config.autoscaling_config
+        assert config is not None and config.policy.policy_kwargs["role"] == role
+    assert built["DecodeServer"]._deployment_config.autoscaling_config.min_replicas == 2
     overrides = {d["name"]: d for d in ht.serve_config(rayservice)["applications"][0]["deployments"]}
-    prefill, decode = (overrides[d]["autoscaling_config"] for d in POOLS.values())
-    assert (prefill["min_replicas"], prefill["max_replicas"], prefill["target_ongoing_requests"]) == (1, 4, 4)
-    assert (decode["min_replicas"], decode["max_replicas"], decode["target_ongoing_requests"]) == (2, 8, 16)
-    assert decode["initial_replicas"] == 2 and "initial_replicas" not in prefill
-    assert all("num_replicas" not in overrides[d] for d in POOLS.values())
+    assert set(overrides) == {"Ingress"}
     groups = ht.worker_groups(rayservice)
     assert [(g["minReplicas"], g["maxReplicas"]) for g in groups.values()] == [(1, 4), (1, 4)]
     assert ht.ray_start_resources(groups["decode"]["rayStartParams"]) == {"pdserve_decode": 2}
@@ -197,10 +204,8 @@ def test_autoscaling_is_independent_per_deployment_and_per_worker_group(rendered
     fixed = rayservice_of(rendered("default-values.yaml"))
     assert fixed["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is False
     assert "autoscalerOptions" not in fixed["spec"]["rayClusterConfig"]
-    overrides = {d["name"]: d for d in ht.serve_config(fixed)["applications"][0]["deployments"]}
     settings = settings_of(rendered("default-values.yaml"))
-    for group, deployment in POOLS.items():
-        assert overrides[deployment] == {"name": deployment, "num_replicas": getattr(settings, group).num_replicas}
+    assert settings.prefill.autoscaling is None and settings.decode.autoscaling is None
 
 
 # ---- monitoring, dashboard, API key --------------------------------------------------------------------------
@@ -410,3 +415,12 @@ def test_network_policy_can_restrict_api_and_metrics_sources(helm_bin, tmp_path)
     policy = one(ht.render(helm_bin, values), "NetworkPolicy")
     assert _allowed_from_anywhere(policy) == set()
     ht.validate_builtin(policy)
+
+
+@pytest.mark.parametrize("name", CI_IDS)
+def test_every_ray_container_gets_the_node_env_pdserve_starts_its_own_nodes_with(rendered, name):
+    from deployments.settings import RAY_NODE_ENV
+
+    for spec in ht.pod_specs(rayservice_of(rendered(name))).values():
+        env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
+        assert RAY_NODE_ENV.items() <= env.items()

@@ -252,6 +252,22 @@ def test_kv_pull_timeout_prefills_locally_and_blames_the_prefill_replica():
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN  # threshold 1 here
 
 
+def test_handoff_from_an_engine_with_another_kv_layout_is_not_pulled():
+    """Prefill and decode engines that disagree on the model or KV layout (a misconfigured pool): the decode
+    replica refuses the hand-off before any pull (as DecodeServer does), the request is prefilled locally and the
+    prefill replica is held out of rotation."""
+    from tests.fakes import FakePrefillHandle
+
+    prefill, decode = pools()
+    ingress = fake_ingress(prefill, decode, FAST,
+                           prefill_handle=lambda p: FakePrefillHandle(p, kv_fingerprint="fp-model-b"))
+    replies, trace = serve(ingress, LONG)
+    assert isinstance(replies[0], JsonReply)
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.KV_INCOMPATIBLE
+    assert trace.fallbacks == [Failure.KV_INCOMPATIBLE] and decode.calls[1][1].kv_transfer_params is None
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
+
+
 def test_handoff_past_its_lease_is_not_used():
     """The fake decode replica refuses a hand-off at or past ``kv_expires_at``, as the real one does
     (DecodeServer.generate): the request is prefilled locally instead of reading reused blocks."""

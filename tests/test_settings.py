@@ -78,7 +78,7 @@ def test_engine_args_carry_kv_roles():
         kv = json.loads(args[args.index("--kv-transfer-config") + 1])
         assert kv == {"kv_connector": "NixlConnector", "kv_role": kv_role, "kv_buffer_device": "cpu",
                       "engine_id": "e1", "kv_load_failure_policy": "recompute",
-                      "kv_connector_extra_config": {"kv_lease_duration": 30}}
+                      "kv_connector_extra_config": {"kv_lease_duration": 30, "enforce_handshake_compat": False}}
     assert "--kv-transfer-config" not in _spec("colocated").cli_args()
 
 
@@ -105,3 +105,19 @@ def test_kv_params_parse_and_round_trip():
 def test_kv_params_reject_malformed_handoff(broken):
     with pytest.raises(ValueError):
         KVTransferParams.model_validate({**HANDOFF, **broken})
+
+
+def test_kv_fingerprint_follows_model_content_and_layout_not_its_folder(tmp_path):
+    from deployments.engine.vllm_engine import kv_fingerprint
+
+    layout = {"dtype": "torch.bfloat16", "block_size": 128}
+    for node in ("node-a", "node-b"):  # the same model, copied into each node's own folder
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "config.json").write_text('{"num_hidden_layers": 30}')
+        (tmp_path / node / "model.safetensors").write_bytes(b"w" * 64)
+    same = kv_fingerprint(str(tmp_path / "node-a"), layout)
+    assert same == kv_fingerprint(str(tmp_path / "node-b"), layout)
+    assert same != kv_fingerprint(str(tmp_path / "node-a"), layout | {"block_size": 16})
+    (tmp_path / "node-b" / "config.json").write_text('{"num_hidden_layers": 24}')  # another model
+    assert same != kv_fingerprint(str(tmp_path / "node-b"), layout)
+    assert kv_fingerprint("org/model", layout) != kv_fingerprint("org/other-model", layout)

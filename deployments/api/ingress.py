@@ -30,6 +30,11 @@ from .trace import Trace
 
 logger = logging.getLogger("ray.serve.pdserve.ingress")  # under Serve's logger: lands in the replica log
 api = FastAPI(title="pdserve", description="Disaggregated prefill/decode LLM serving, OpenAI-compatible API")
+# A hand-off the decode replica could not use: why the request was then prefilled locally, and whose fault it was.
+_HANDOFF_FAILED_REASON = {Failure.KV_PULL_TIMEOUT: RouteReason.KV_PULL_FAILED,
+                          Failure.KV_LEASE_EXPIRED: RouteReason.KV_LEASE_EXPIRED,
+                          Failure.KV_INCOMPATIBLE: RouteReason.KV_INCOMPATIBLE}
+_PREFILL_REPLICA_AT_FAULT = {Failure.KV_PULL_TIMEOUT, Failure.KV_INCOMPATIBLE}
 
 
 def error_response(err: ErrorReply, headers: dict | None = None) -> JSONResponse:
@@ -132,12 +137,11 @@ class Ingress:
                 handoff = None
         with self.decode.inflight:
             started = await self.decode.start(req, handoff, route, trace)
-            if isinstance(started, HandoffFailed):  # pull timed out or lease ran out: prefill locally
-                if started.failure is Failure.KV_PULL_TIMEOUT:  # the replica holding the KV is frozen or cut off
+            if isinstance(started, HandoffFailed):  # the decode replica could not use the hand-off: prefill locally
+                if started.failure in _PREFILL_REPLICA_AT_FAULT:  # frozen, cut off, or serving another KV layout
                     self.prefill.pool.breaker.record_failure(handoff.prefill_replica)
                 trace.fallbacks.append(started.failure)
-                trace.prefill_locally(RouteReason.KV_PULL_FAILED if started.failure is Failure.KV_PULL_TIMEOUT
-                                      else RouteReason.KV_LEASE_EXPIRED)
+                trace.prefill_locally(_HANDOFF_FAILED_REASON[started.failure])
                 started = await self.decode.start(req, None, route, trace)
             if not isinstance(started, DecodeStream):
                 yield started

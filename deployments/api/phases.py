@@ -168,8 +168,10 @@ class DecodePhase:
     async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
                     trace: Trace) -> DecodeStream | HandoffFailed | ErrorReply:
         """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
-        phase_req = decode_request(req.endpoint, req.body, handoff.kv_transfer_params if handoff else None,
-                                   handoff.kv_expires_at if handoff else None)
+        phase_req = decode_request(req.endpoint, req.body, None)
+        if handoff:
+            phase_req = decode_request(req.endpoint, req.body, handoff.kv_transfer_params, handoff.kv_expires_at,
+                                       handoff.kv_fingerprint)
         result = await run_attempts(self.pool, Phase.DECODE, self.settings.num_decode_attempts, route, trace,
                                     lambda attempt: self._attempt(phase_req, attempt, trace))
         if result is not None and result.value is not None:

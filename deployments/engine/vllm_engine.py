@@ -9,6 +9,7 @@ they are validated into vLLM's protocol models, run through vLLM's ``OpenAIServi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ValidationError
@@ -66,9 +68,27 @@ class EngineSpec:
             args += ["--kv-transfer-config", json.dumps({
                 "kv_connector": kv.connector, "kv_role": _KV_ROLE[self.role], "kv_buffer_device": kv.kv_buffer_device,
                 "engine_id": self.engine_id, "kv_load_failure_policy": kv.kv_load_failure_policy,
-                "kv_connector_extra_config": {"kv_lease_duration": self.kv_lease_s},
+                # vLLM's own handshake check hashes the model's *path*, which differs between nodes that hold the
+                # same model in different folders; pdserve checks kv_fingerprint (by content) before each pull.
+                "kv_connector_extra_config": {"kv_lease_duration": self.kv_lease_s, "enforce_handshake_compat": False},
             })]
         return args + list(e.extra_args)
+
+
+def kv_fingerprint(model: str, layout: dict) -> str:
+    """What must match between a prefill and a decode engine for KV blocks to move between them: the KV layout
+    and the model *by content* (a local folder: its config and weight files' names and sizes; else its name), so
+    that the same model in different folders on different nodes matches and another model does not."""
+    folder = Path(model)
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+        config = (folder / "config.json").read_bytes() if (folder / "config.json").exists() else b""
+        identity = {"config": hashlib.sha256(config).hexdigest(),
+                    "weights": [(p.name, p.stat().st_size) for p in files]}
+    else:
+        identity = {"name": model}
+    blob = json.dumps({"model": identity, "layout": layout}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class KVPullTimeout(RuntimeError):
@@ -112,6 +132,7 @@ class VLLMEngine:
         self._client = None
         self._serving: dict[str, object] = {}
         self._request_models: dict[str, type] = {}
+        self.kv_fingerprint = ""
 
     async def start(self) -> None:
         os.environ.update(self.spec.env)
@@ -136,6 +157,7 @@ class VLLMEngine:
         """vLLM's async engine with two stat loggers: Ray's, which publishes the engine's ``vllm:*`` metrics on
         the node's scrape target labelled with this replica, and the in-process Prometheus one that ``stats()``
         reads for routing. (Order matters: the second one clears the in-process registry first.)"""
+        from vllm import __version__ as vllm_version
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -150,10 +172,14 @@ class VLLMEngine:
             enable_log_requests=engine_args.enable_log_requests, disable_log_stats=engine_args.disable_log_stats,
         )
         self._stack.callback(client.shutdown)
-        mc = vllm_config.model_config
-        self.kv_bytes_per_token = (2 * mc.get_num_layers(vllm_config.parallel_config)
-                                   * mc.get_num_kv_heads(vllm_config.parallel_config) * mc.get_head_size()
+        mc, pc = vllm_config.model_config, vllm_config.parallel_config
+        self.kv_bytes_per_token = (2 * mc.get_num_layers(pc) * mc.get_num_kv_heads(pc) * mc.get_head_size()
                                    * mc.dtype.itemsize)
+        self.kv_fingerprint = kv_fingerprint(mc.model, {
+            "vllm": vllm_version, "dtype": str(mc.dtype), "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
+            "block_size": vllm_config.cache_config.block_size, "num_layers": mc.get_num_layers(pc),
+            "num_kv_heads": mc.get_num_kv_heads(pc), "head_size": mc.get_head_size(),
+            "tp_size": pc.tensor_parallel_size})
         return client
 
     async def shutdown(self) -> None:

@@ -78,6 +78,7 @@ class PhaseRequest:
     body: dict
     kv_transfer_params: dict | None = None
     kv_expires_at: float | None = None  # decode: wall clock after which the prefill side may reuse the KV blocks
+    kv_fingerprint: str | None = None  # decode: the prefill engine's KV compatibility fingerprint
 
 
 def prefill_request(endpoint: str, body: dict) -> PhaseRequest:
@@ -87,8 +88,9 @@ def prefill_request(endpoint: str, body: dict) -> PhaseRequest:
 
 
 def decode_request(endpoint: str, body: dict, kv_transfer_params: dict | None,
-                   kv_expires_at: float | None = None) -> PhaseRequest:
-    return PhaseRequest(endpoint, copy.deepcopy(body), kv_transfer_params, kv_expires_at=kv_expires_at)
+                   kv_expires_at: float | None = None, kv_fingerprint: str | None = None) -> PhaseRequest:
+    return PhaseRequest(endpoint, copy.deepcopy(body), kv_transfer_params, kv_expires_at=kv_expires_at,
+                        kv_fingerprint=kv_fingerprint)
 
 
 def handoff_usable(kv_expires_at: float | None, now: float, kv_pull_timeout_s: float) -> bool:

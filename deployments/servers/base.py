@@ -89,6 +89,10 @@ class EngineServer:
         """Polled by Serve in the background and shipped to the routers (deployments/routing/router.py)."""
         metrics().engine_info.set(1, tags={"model": self.engine.spec.served_model_name, "ReplicaId": self.replica,
                                            "role": self.role})
+        return self.record_autoscaling_stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The pool's own load signal, pushed by Serve to its autoscaling policy (routing/autoscaling.py)."""
         return self.engine.load() | {"num_outstanding_prompt_tokens": self.num_outstanding_prompt_tokens}
 
     async def check_health(self) -> None:
@@ -99,6 +103,11 @@ class EngineServer:
         return self.engine.stats(self.replica, self.node)
 
     async def __del__(self):
+        """Serve calls this once the replica has drained (no request in flight): stop the engine."""
         engine = getattr(self, "engine", None)
         if engine is not None:
+            await self.before_engine_shutdown()
             await engine.shutdown()
+
+    async def before_engine_shutdown(self) -> None:
+        pass

@@ -16,7 +16,7 @@ from ..metrics import metrics
 from ..outcomes import Failure
 from ..replies import ErrorReply, HandoffFailed, JsonReply, ReplicaTag
 from ..routing import RouteRequest
-from .base import EngineServer
+from .base import EngineServer, logger
 
 
 @serve.deployment(name="DecodeServer")
@@ -27,11 +27,17 @@ class DecodeServer(EngineServer):
         """First a ``ReplicaTag`` (who serves the request), then the engine's reply.
 
         A hand-off whose lease would run out before a pull could finish (the request waited, or was retried
-        late) is not used: the prefill engine may already have reused those blocks."""
+        late) is not used: the prefill engine may already have reused those blocks. Nor is one from an engine
+        whose KV layout differs (another model, dtype, block size or vLLM version): its blocks would be garbage."""
         yield ReplicaTag(self.replica, time.time(), self.node)
         spec = self.engine.spec
         if not handoff_usable(req.kv_expires_at, time.time(), spec.kv_pull_timeout_s):
             yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
+            return
+        if req.kv_transfer_params and req.kv_fingerprint != self.engine.kv_fingerprint:
+            logger.warning("hand-off from an engine with another KV layout (%s, this engine %s): prefilling locally",
+                           req.kv_fingerprint, self.engine.kv_fingerprint)
+            yield HandoffFailed(Failure.KV_INCOMPATIBLE)
             return
         async for item in self.engine.generate(req):
             if isinstance(item, HandoffFailed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from ray import serve
@@ -9,11 +10,21 @@ from ray import serve
 from ..kv import PhaseRequest
 from ..replies import ErrorReply, JsonReply, PrefillReply
 from ..routing import RouteRequest
-from .base import EngineServer
+from .base import EngineServer, logger
 
 
 @serve.deployment(name="PrefillServer")
 class PrefillServer(EngineServer):
+    kv_held_until = 0.0  # wall clock: the lease of the newest hand-off; a decode engine may pull until then
+
+    async def before_engine_shutdown(self) -> None:
+        """A prefill replica leaving (scale-down, redeploy) has answered every request, but decode engines may
+        still be pulling the KV it handed off: keep the engine until the newest lease ran out."""
+        wait_s = self.kv_held_until - time.time()
+        if wait_s > 0:
+            logger.info("draining: keeping the engine %.0f s for KV pulls of hand-offs already made", wait_s)
+            await asyncio.sleep(wait_s)
+
     async def prefill(self, req: PhaseRequest, route: RouteRequest | None = None) -> PrefillReply | ErrorReply:
         """Run the prefill-only request (one token, ``do_remote_decode``); return the engine's KV hand-off."""
         reply, started_at = None, time.time()
@@ -30,9 +41,10 @@ class PrefillServer(EngineServer):
             return ErrorReply(502, "prefill engine returned no kv_transfer_params", "KVTransferError")
         num_prompt_tokens = int((reply.body.get("usage") or {}).get("prompt_tokens") or 0)
         finished_at = time.time()
+        self.kv_held_until = finished_at + self.engine.spec.kv_lease_s
         return PrefillReply(
             kv_transfer_params=reply.body["kv_transfer_params"], num_prompt_tokens=num_prompt_tokens,
             prefill_replica=self.replica, prefill_node=self.node, started_at=started_at, finished_at=finished_at,
             kv_bytes=num_prompt_tokens * self.engine.kv_bytes_per_token,
-            kv_expires_at=finished_at + self.engine.spec.kv_lease_s,
+            kv_expires_at=self.kv_held_until, kv_fingerprint=self.engine.kv_fingerprint,
         )

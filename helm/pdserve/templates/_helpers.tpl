@@ -47,15 +47,36 @@ app.kubernetes.io/part-of: pdserve
    The args are PDServeSettings (deployments/settings.py): snake_case, extra fields forbidden. Each helper
    returns JSON; callers decode it with fromJson so that the final toYaml renders one consistent document. */}}
 
-{{/* A pool's PoolSettings. Args: dict "pool" <.Values.prefill|decode>. */}}
+{{/* A pool's PoolSettings, with its autoscaling (on the pool's own signal) when enabled.
+   Args: dict "name" "pool" <.Values.prefill|decode>. */}}
 {{- define "pdserve.poolSettings" -}}
 {{- $d := .pool.deployment }}
-{{- toJson (dict
+{{- $a := $d.autoscaling }}
+{{- $pool := dict
   "num_replicas" (int $d.numReplicas)
   "num_gpus" $d.numGpus
   "num_cpus" $d.numCpus
   "cpu_bind" $d.cpuBind
-  "ray_resources" (dict .pool.rayResource 1)) }}
+  "ray_resources" (dict .pool.rayResource 1) }}
+{{- if $a.enabled }}
+{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
+{{- fail (printf "%s: deployment.autoscaling.minReplicas (%v) > maxReplicas (%v)" .name $a.minReplicas $a.maxReplicas) }}
+{{- end }}
+{{- $_ := set $pool "num_replicas" (int (ternary $a.minReplicas $a.initialReplicas (kindIs "invalid" $a.initialReplicas))) }}
+{{- $scaling := dict
+  "min_replicas" (int $a.minReplicas)
+  "max_replicas" (int $a.maxReplicas)
+  "upscale_delay_s" $a.upscaleDelayS
+  "downscale_delay_s" $a.downscaleDelayS }}
+{{- if not (kindIs "invalid" $a.targetPerReplica) }}
+{{- $_ := set $scaling "target_per_replica" $a.targetPerReplica }}
+{{- end }}
+{{- if hasKey $a "targetKvCacheUsage" }}
+{{- $_ := set $scaling "target_kv_cache_usage" $a.targetKvCacheUsage }}
+{{- end }}
+{{- $_ := set $pool "autoscaling" $scaling }}
+{{- end }}
+{{- toJson $pool }}
 {{- end }}
 
 {{- define "pdserve.settings" -}}
@@ -81,8 +102,8 @@ app.kubernetes.io/part-of: pdserve
     "kv_buffer_device" $v.kvConnector.kvBufferDevice
     "kv_load_failure_policy" $v.kvConnector.kvLoadFailurePolicy
     "nixl_progress_delay_us" (int $v.kvConnector.nixlProgressDelayUs))
-  "prefill" (include "pdserve.poolSettings" (dict "pool" $v.prefill) | fromJson)
-  "decode" (include "pdserve.poolSettings" (dict "pool" $v.decode) | fromJson)
+  "prefill" (include "pdserve.poolSettings" (dict "name" "prefill" "pool" $v.prefill) | fromJson)
+  "decode" (include "pdserve.poolSettings" (dict "name" "decode" "pool" $v.decode) | fromJson)
   "routing" (dict "prefill_policy" $v.routing.prefillPolicy "decode_policy" $v.routing.decodePolicy
     "min_remote_prefill_tokens" (int $v.routing.minRemotePrefillTokens))
   "slo" (dict "ttft_s" $v.slo.ttftS "itl_s" $v.slo.itlS)
@@ -90,29 +111,6 @@ app.kubernetes.io/part-of: pdserve
   "request_timeout_s" $v.serve.requestTimeoutS) }}
 {{- end }}
 
-{{/* A deployment override: Serve autoscaling_config, or a fixed num_replicas. Args: dict "name" "pool". */}}
-{{- define "pdserve.deploymentOverride" -}}
-{{- $a := .pool.deployment.autoscaling }}
-{{- $override := dict "name" .name }}
-{{- if $a.enabled }}
-{{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
-{{- fail (printf "%s: deployment.autoscaling.minReplicas (%v) > maxReplicas (%v)" .name $a.minReplicas $a.maxReplicas) }}
-{{- end }}
-{{- $config := dict
-  "min_replicas" (int $a.minReplicas)
-  "max_replicas" (int $a.maxReplicas)
-  "target_ongoing_requests" $a.targetOngoingRequests
-  "upscale_delay_s" $a.upscaleDelayS
-  "downscale_delay_s" $a.downscaleDelayS }}
-{{- if not (kindIs "invalid" $a.initialReplicas) }}
-{{- $_ := set $config "initial_replicas" (int $a.initialReplicas) }}
-{{- end }}
-{{- $_ := set $override "autoscaling_config" $config }}
-{{- else }}
-{{- $_ := set $override "num_replicas" (int .pool.deployment.numReplicas) }}
-{{- end }}
-{{- toJson $override }}
-{{- end }}
 
 {{- define "pdserve.serveConfig" -}}
 {{- $v := .Values }}
@@ -121,10 +119,7 @@ app.kubernetes.io/part-of: pdserve
   "route_prefix" $v.serve.routePrefix
   "import_path" "deployments.app:build_app"
   "args" (include "pdserve.settings" . | fromJson)
-  "deployments" (list
-    (dict "name" "Ingress" "num_replicas" (int $v.serve.ingressReplicas))
-    (include "pdserve.deploymentOverride" (dict "name" "PrefillServer" "pool" $v.prefill) | fromJson)
-    (include "pdserve.deploymentOverride" (dict "name" "DecodeServer" "pool" $v.decode) | fromJson)) }}
+  "deployments" (list (dict "name" "Ingress" "num_replicas" (int $v.serve.ingressReplicas))) }}
 {{- toYaml (dict
   "proxy_location" "EveryNode"
   "http_options" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
@@ -190,8 +185,11 @@ app.kubernetes.io/part-of: pdserve
 {{- toYaml $resources }}
 {{- end }}
 
-{{/* Env of every Ray container: the API key (if on), then the user's. Args: root context. */}}
+{{/* Env of every Ray container: pdserve's node env (deployments/settings.py RAY_NODE_ENV: a replica that failed its
+   health check is force-stopped, not drained), the API key (if on), then the user's. Args: root context. */}}
 {{- define "pdserve.env" -}}
+- name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
+  value: "1"
 {{- if .Values.apiKey.enabled }}
 - name: PDSERVE_API_KEY
   valueFrom:
