@@ -226,19 +226,48 @@ def cut_link(a: tuple[str, str], b: tuple[str, str], cut: bool = True) -> None:
         _ip("-n", ns, "route", action, "blackhole", f"{peer}/32", check=cut)
 
 
-def degrade_link(a: tuple[str, str], b: tuple[str, str], delay_ms: float = 0, loss_pct: float = 0) -> None:
-    """tc netem on the traffic between two nodes only (each side's packets to the other); 0 and 0 heal it."""
+class LinkShapingUnavailable(RuntimeError):
+    """This kernel lacks a queueing discipline the fault needs (e.g. netem)."""
+
+
+def missing_qdisc(kind: str) -> str | None:
+    """Why this kernel cannot shape traffic with ``kind`` (tried in a scratch namespace), or None if it can."""
+    ns = f"{NAMESPACE_PREFIX}probe"
+    _ip("netns", "add", ns, check=False)
+    try:
+        args = {"netem": ["delay", "1ms"], "htb": ["default", "1"]}.get(kind, [])
+        done = subprocess.run(in_namespace(ns, ["tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", kind,
+                                                *args]), capture_output=True, text=True)
+        return None if done.returncode == 0 else f"tc qdisc {kind}: {done.stderr.strip()}"
+    finally:
+        _ip("netns", "del", ns, check=False)
+
+
+def degrade_link(a: tuple[str, str], b: tuple[str, str], delay_ms: float = 0, loss_pct: float = 0,
+                 rate_mbit: float | None = None) -> None:
+    """Shape only the traffic between two nodes (each side's packets to the other; the head's are untouched):
+    a bandwidth cap (tc htb) and/or delay and loss (tc netem). No arguments heal it."""
     for (ns, _), (_, peer) in ((a, b), (b, a)):
         tc = ["ip", "netns", "exec", ns, "tc"]
         subprocess.run([*tc, "qdisc", "del", "dev", NODE_DEVICE, "root"], check=False, capture_output=True)
-        if not delay_ms and not loss_pct:
+        if not delay_ms and not loss_pct and rate_mbit is None:
             continue
-        for cmd in (["qdisc", "add", "dev", NODE_DEVICE, "root", "handle", "1:", "prio"],
-                    ["qdisc", "add", "dev", NODE_DEVICE, "parent", "1:3", "handle", "30:", "netem",
-                     "delay", f"{delay_ms:g}ms", "loss", f"{loss_pct:g}%"],
-                    ["filter", "add", "dev", NODE_DEVICE, "protocol", "ip", "parent", "1:0", "prio", "3", "u32",
-                     "match", "ip", "dst", f"{peer}/32", "flowid", "1:3"]):
-            subprocess.run([*tc, *cmd], check=True, capture_output=True)
+        dev = ["dev", NODE_DEVICE]
+        cmds = [["qdisc", "add", *dev, "root", "handle", "1:", "htb", "default", "10"],
+                ["class", "add", *dev, "parent", "1:", "classid", "1:10", "htb", "rate", "100gbit"],
+                ["class", "add", *dev, "parent", "1:", "classid", "1:20", "htb", "rate",
+                 f"{rate_mbit or 100_000:g}mbit"]]
+        if delay_ms or loss_pct:
+            cmds.append(["qdisc", "add", *dev, "parent", "1:20", "handle", "20:", "netem",
+                         "delay", f"{delay_ms:g}ms", "loss", f"{loss_pct:g}%"])
+        cmds.append(["filter", "add", *dev, "protocol", "ip", "parent", "1:", "prio", "1", "u32",
+                     "match", "ip", "dst", f"{peer}/32", "flowid", "1:20"])
+        for cmd in cmds:
+            done = subprocess.run([*tc, *cmd], capture_output=True, text=True)
+            if done.returncode != 0:
+                subprocess.run([*tc, "qdisc", "del", "dev", NODE_DEVICE, "root"], check=False, capture_output=True)
+                error = LinkShapingUnavailable if "kind is unknown" in done.stderr else RuntimeError
+                raise error(f"tc {' '.join(cmd)}: {done.stderr.strip()}")
 
 
 def prometheus_config(state: dict) -> str:

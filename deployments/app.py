@@ -16,7 +16,8 @@ from .settings import PDServeSettings, PoolSettings, parse_settings
 
 def _autoscaling_config(pool: PoolSettings, settings: PDServeSettings, role: str) -> dict:
     a = pool.autoscaling
-    target = a.target_per_replica or (2048 if role == "prefill" else max(1.0, settings.engine.max_num_seqs / 2))
+    max_num_seqs = pool.engine_for(settings.engine).max_num_seqs
+    target = a.target_per_replica or (2048 if role == "prefill" else max(1.0, max_num_seqs / 2))
     return {
         "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
         "initial_replicas": min(max(pool.num_replicas, a.min_replicas), a.max_replicas),
@@ -36,7 +37,7 @@ def _pool_options(settings: PDServeSettings, role: str) -> dict:
     return size | {
         "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": pool.ray_resources},
         # One engine batches up to max_num_seqs; let Serve queue a little more before routing elsewhere.
-        "max_ongoing_requests": 2 * settings.engine.max_num_seqs,
+        "max_ongoing_requests": 2 * pool.engine_for(settings.engine).max_num_seqs,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         # A replica leaving (scale-down, redeploy) first finishes what it holds; no request outlives its deadline.

@@ -9,10 +9,12 @@ loaded from the ``args`` of a Ray Serve config (``cluster/*.yaml``, or the Helm 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .kv.protocol import PullDeadline
 
 DEFAULT_MODEL = "default"
 # Environment variable holding the API key (read by the ingress replica; `pdserve up` passes it on).
@@ -58,13 +60,22 @@ class EngineSettings(_Strict):
         True, description="Skip torch.compile / graph capture: ~25-45 s instead of ~100 s startup per engine on CPU."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one engine shards the model over (its pool's num_gpus must cover it). vLLM's NIXL "
+        "connector moves KV between pools of different sizes, e.g. prefill at 1 and decode at 4.",
+    )
     extra_args: list[str] = Field(
         default_factory=list, description="Further `vllm serve` command-line arguments, passed unchanged."
     )
 
 
 class KVConnectorSettings(_Strict):
-    connector: Literal["NixlConnector"] = Field("NixlConnector", description="vLLM KV connector class.")
+    connector: Literal["NixlConnector", "NixlPullConnector"] = Field(
+        "NixlConnector", description="vLLM KV connector: the decode engine pulls the KV from the prefill engine "
+        "(NixlPullConnector is the same, by its explicit name). vLLM's NixlPushConnector, where the prefill engine "
+        "writes into blocks the decode engine set aside, needs the decode replica chosen before prefill: not "
+        "supported.",
+    )
     kv_buffer_device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where NIXL stages KV blocks: 'cpu' (UCX over TCP) or 'cuda' (GPU memory)."
     )
@@ -109,8 +120,20 @@ class RoutingSettings(_Strict):
         "or cut off (a breaker failure)."
     )
     kv_pull_timeout_s: float = Field(
-        10, gt=0, description="Deadline for a decode engine to pull the KV and produce its first token; then "
-        "the decode request is aborted and retried with a local prefill."
+        10, gt=0, description="Upper bound of the deadline for a decode engine to pull the KV and produce its first "
+        "token; then the decode request is aborted and retried with a local prefill. The deadline itself is "
+        "kv_pull_deadline_base_s + kv_pull_deadline_factor x the KV bytes / the engine's measured pull speed, plus "
+        "kv_first_handshake_s on its first pull from a prefill engine."
+    )
+    kv_pull_deadline_base_s: float = Field(
+        5.0, gt=0, description="Fixed part of a KV pull's deadline: the decode engine's queue and first step."
+    )
+    kv_pull_deadline_factor: float = Field(4.0, ge=1, description="Headroom of a pull's deadline over its bytes' time.")
+    kv_pull_bytes_per_s: float = Field(
+        1e8, gt=0, description="Pull speed assumed until the decode engine measured its own (NIXL's transfer stats)."
+    )
+    kv_first_handshake_s: float = Field(
+        5.0, ge=0, description="Added to the deadline of a decode engine's first pull from a prefill engine."
     )
     kv_lease_s: int = Field(
         30, ge=1, description="How long a prefill engine holds KV blocks for a decode engine that never pulls them."
@@ -131,6 +154,12 @@ class RoutingSettings(_Strict):
             raise ValueError("routing.kv_pull_timeout_s must be shorter than routing.kv_lease_s: a decode engine "
                              "must give up on a KV pull before the prefill engine may reuse those blocks")
         return self
+
+
+    def pull_deadline(self) -> PullDeadline:
+        return PullDeadline(base_s=self.kv_pull_deadline_base_s, factor=self.kv_pull_deadline_factor,
+                            assumed_bytes_per_s=self.kv_pull_bytes_per_s, first_handshake_s=self.kv_first_handshake_s,
+                            cap_s=self.kv_pull_timeout_s)
 
 
 class LimitSettings(_Strict):
@@ -189,6 +218,11 @@ class PoolSettings(_Strict):
         default_factory=dict,
         description="Ray custom resources per replica, e.g. {'pdserve_prefill': 1}, to pin the pool to nodes.",
     )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This pool's engine settings on top of the shared 'engine' block, e.g. {'tensor_parallel_size': 4} "
+        "or {'max_num_seqs': 256}; 'extra_args' are appended to the shared ones.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment of this pool's engines, e.g. UCX_TLS / UCX_NET_DEVICES to pin KV transfer to one "
@@ -200,6 +234,12 @@ class PoolSettings(_Strict):
         "one of base+32 .. base+63: open base .. base+63 between nodes. None: 5600 for prefill, 5700 for decode. "
         "VLLM_NIXL_SIDE_CHANNEL_HOST/PORT set on the node or in 'env' win.",
     )
+
+    def engine_for(self, shared: EngineSettings) -> EngineSettings:
+        """The shared engine settings with this pool's on top (extra_args: the shared ones, then the pool's)."""
+        merged = shared.model_dump() | self.engine
+        merged["extra_args"] = list(shared.extra_args) + list(self.engine.get("extra_args", []))
+        return EngineSettings.model_validate(merged)
 
     def bind_for(self, local_rank: int) -> str | None:
         return self.cpu_bind[local_rank % len(self.cpu_bind)] if self.cpu_bind else None
@@ -260,6 +300,18 @@ class PDServeSettings(_Strict):
                 raise ValueError("mode 'colocated' needs a 'colocated' pool")
             if self.prefill is not None or self.decode is not None:
                 raise ValueError("'prefill'/'decode' pools are only valid with mode 'disaggregated'")
+        for name in ("prefill", "decode", "colocated"):
+            pool = getattr(self, name)
+            if pool is None:
+                continue
+            try:
+                engine = pool.engine_for(self.engine)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise ValueError(f"{name}.engine.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            if pool.num_gpus > 0 and engine.tensor_parallel_size > pool.num_gpus:
+                raise ValueError(f"{name}: tensor_parallel_size {engine.tensor_parallel_size} needs num_gpus >= "
+                                 f"{engine.tensor_parallel_size} per replica (has {pool.num_gpus:g})")
         gpu_pools = [p for p in (self.prefill, self.decode, self.colocated) if p and p.num_gpus > 0]
         if self.kv_connector.kv_buffer_device == "cuda" and not gpu_pools:
             raise ValueError("kv_connector.kv_buffer_device 'cuda' needs pools with num_gpus > 0")
@@ -270,9 +322,25 @@ class SettingsError(ValueError):
     """Invalid settings, with a message that names each offending field."""
 
 
+OVERRIDES_KEY = "overrides"  # args key: settings merged over the rest (the Helm chart's whole `settings` value)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def parse_settings(args: dict) -> PDServeSettings:
+    """Validate a Serve config's ``args``; an ``overrides`` mapping in them is deep-merged over the rest first."""
+    args = dict(args or {})
+    overrides = args.pop(OVERRIDES_KEY, None) or {}
+    if not isinstance(overrides, dict):
+        raise SettingsError(f"invalid pdserve settings:\n  {OVERRIDES_KEY}: must be a mapping of settings")
+    args = _deep_merge(args, overrides)
     try:
-        return PDServeSettings.model_validate(args or {})
+        return PDServeSettings.model_validate(args)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

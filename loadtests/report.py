@@ -42,6 +42,7 @@ class RequestSample:
     num_output_tokens: int = 0
     num_chunks: int = 0
     route: str = ""
+    route_reason: str = ""
     request_id: str = ""
     error_kind: str = ""
     error_message: str = ""

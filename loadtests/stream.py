@@ -74,6 +74,7 @@ def stream_request(session: requests.Session, url: str, body: dict, sample: Requ
     try:
         with session.post(url, json=body, stream=True, timeout=(10, timeout_s)) as resp:
             sample.route = resp.headers.get("x-pdserve-route", "")
+            sample.route_reason = resp.headers.get("x-pdserve-route-reason", "")
             sample.request_id = resp.headers.get("x-pdserve-request-id", "")
             if resp.status_code != 200:
                 raise _http_error(resp)

@@ -27,7 +27,8 @@ from tests import helm_tools as ht
 from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
 
 CI_IDS = [p.name for p in CI_VALUES]
-EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml"}
+EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml",
+               "gpu-rdma-values.yaml"}
 POOLS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 RAY_CONTAINERS = {"head": "ray-head", "prefill": "ray-worker", "decode": "ray-worker"}
 
@@ -424,3 +425,51 @@ def test_every_ray_container_gets_the_node_env_pdserve_starts_its_own_nodes_with
     for spec in ht.pod_specs(rayservice_of(rendered(name))).values():
         env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
         assert RAY_NODE_ENV.items() <= env.items()
+
+
+def test_settings_schema_is_generated_from_the_settings_model():
+    """values.schema.json's `settings` is PDServeSettings' own schema: a field added to the model without
+    regenerating (python helm/pdserve/schema.py) fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_schema", CHART / "schema.py")
+    schema = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(schema)
+    current = json.loads((CHART / "values.schema.json").read_text())
+    assert schema.generated(current) == current, "run: python helm/pdserve/schema.py"
+    assert set(current["properties"]["settings"]["properties"]) == set(PDServeSettings.model_fields)
+
+
+def test_settings_pass_through_whole_and_win_over_derived_values(rendered):
+    settings = settings_of(rendered("gpu-rdma-values.yaml"))
+    assert (settings.routing.kv_pull_timeout_s, settings.routing.kv_lease_s) == (60, 120)
+    assert settings.decode.engine_for(settings.engine).tensor_parallel_size == 2
+    assert settings.prefill.engine_for(settings.engine).tensor_parallel_size == 1
+    assert settings.engine.max_num_seqs == 256 and not settings.engine.enforce_eager  # from the values
+
+
+def test_bad_settings_fail_the_chart_schema_with_the_field(helm_bin):
+    proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), "--set-json", 'settings={"routing":{"kv_lease":9}}',
+                   check=False)
+    assert proc.returncode != 0 and "kv_lease" in proc.stderr
+
+
+def test_gpu_groups_get_their_env_security_context_nixl_port_and_pd_affinity(rendered):
+    rayservice = rayservice_of(rendered("gpu-rdma-values.yaml"))
+    assert rayservice["spec"]["upgradeStrategy"] == {"type": "None"}
+    specs = ht.pod_specs(rayservice)
+    settings = settings_of(rendered("gpu-rdma-values.yaml"))
+    for group, nic in (("prefill", "mlx5_0:1"), ("decode", "mlx5_1:1")):
+        [container] = specs[group]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["UCX_NET_DEVICES"] == nic and "cuda_copy" in env["UCX_TLS"]
+        assert container["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["nixl"] == getattr(settings, group).nixl_side_channel_port_base
+    assert gpu_limit(specs["decode"]) == 2
+    [term] = specs["decode"]["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "prefill"
+    assert term["podAffinityTerm"]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert "podAffinity" not in specs["prefill"].get("affinity", {})
+    default = rayservice_of(rendered("default-values.yaml"))
+    assert "upgradeStrategy" not in default["spec"] and "affinity" not in ht.pod_specs(default)["decode"]

@@ -121,3 +121,47 @@ def test_kv_fingerprint_follows_model_content_and_layout_not_its_folder(tmp_path
     (tmp_path / "node-b" / "config.json").write_text('{"num_hidden_layers": 24}')  # another model
     assert same != kv_fingerprint(str(tmp_path / "node-b"), layout)
     assert kv_fingerprint("org/model", layout) != kv_fingerprint("org/other-model", layout)
+
+
+def test_each_pool_sets_its_own_engine_on_top_of_the_shared_one():
+    s = PDServeSettings.model_validate({
+        "engine": {"max_num_seqs": 16, "extra_args": ["--seed", "1"]},
+        "prefill": {"num_gpus": 1},
+        "decode": {"num_gpus": 4, "engine": {"tensor_parallel_size": 4, "max_num_seqs": 256,
+                                             "extra_args": ["--max-num-batched-tokens", "8192"]}}})
+    prefill, decode = s.prefill.engine_for(s.engine), s.decode.engine_for(s.engine)
+    assert (prefill.tensor_parallel_size, prefill.max_num_seqs) == (1, 16)
+    assert (decode.tensor_parallel_size, decode.max_num_seqs) == (4, 256)
+    assert decode.extra_args == ["--seed", "1", "--max-num-batched-tokens", "8192"]
+    args = EngineSpec(model="/m", served_model_name="m", role="decode", engine=decode, kv_connector=s.kv_connector,
+                      engine_id="e1", num_gpus=4).cli_args()
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert args[-4:] == ["--seed", "1", "--max-num-batched-tokens", "8192"]
+    assert "--tensor-parallel-size" not in EngineSpec(model="/m", served_model_name="m", role="prefill",
+                                                      engine=prefill, kv_connector=s.kv_connector,
+                                                      engine_id="e2").cli_args()
+
+
+@pytest.mark.parametrize("pool, why", [
+    ({"engine": {"max_num_seqs": 0}}, "prefill.engine.max_num_seqs"),
+    ({"engine": {"no_such_field": 1}}, "prefill.engine.no_such_field"),
+    ({"num_gpus": 1, "engine": {"tensor_parallel_size": 2}}, "needs num_gpus >= 2"),
+])
+def test_bad_pool_engine_settings_name_the_field(pool, why):
+    with pytest.raises(SettingsError, match=why):
+        parse_settings({"mode": "disaggregated", "prefill": pool, "decode": {}})
+
+
+@pytest.mark.parametrize("config", ["gpu-1node.yaml", "gpu-multinode.yaml"])
+def test_gpu_configs_load_and_build_offline(config):
+    from tests.helm_tools import app_deployments
+
+    [(_, s)] = load_serve_config(CLUSTER / config)
+    assert s.kv_connector.kv_buffer_device == "cuda" and s.prefill.num_gpus >= 1 and s.decode.num_gpus >= 1
+    for pool in (s.prefill, s.decode):
+        engine = pool.engine_for(s.engine)
+        assert not engine.enforce_eager and engine.tensor_parallel_size <= pool.num_gpus
+        assert "cuda_copy" in pool.env["UCX_TLS"]  # NIXL refuses a UCX_TLS without it on a GPU host
+    assert s.routing.kv_pull_timeout_s < s.routing.kv_lease_s
+    built = app_deployments(s)
+    assert built["DecodeServer"].ray_actor_options["num_gpus"] == s.decode.num_gpus

@@ -23,6 +23,8 @@ from typing import Literal
 from pydantic import ValidationError
 
 from ..kv import PhaseRequest, internal_fields_in
+from ..kv.params import KVTransferParams
+from ..kv.protocol import PullDeadline
 from ..outcomes import Failure
 from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply
 from ..settings import EngineSettings, KVConnectorSettings
@@ -46,7 +48,8 @@ class EngineSpec:
     engine_id: str
     num_gpus: float = 0
     kv_lease_s: int = 30
-    kv_pull_timeout_s: float = 10
+    kv_pull_timeout_s: float = 10  # the pull deadline's upper bound (pull_deadline.cap_s)
+    pull_deadline: PullDeadline = field(default_factory=PullDeadline)
     env: dict[str, str] = field(default_factory=dict)
 
     def cli_args(self) -> list[str]:
@@ -56,6 +59,8 @@ class EngineSpec:
             "--max-model-len", str(e.max_model_len), "--max-num-seqs", str(e.max_num_seqs),
             "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching",
         ]
+        if e.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(e.tensor_parallel_size)]
         if e.block_size is not None:
             args += ["--block-size", str(e.block_size)]
         if e.enforce_eager:
@@ -97,14 +102,19 @@ class KVPullTimeout(RuntimeError):
 
 class _KVPullDeadline:
     """The engine client handed to vLLM's serving layer, with one addition: a generation that pulls its
-    prompt's KV from a prefill engine must produce its first output within ``timeout_s``. vLLM has no deadline
-    of its own there: a frozen prefill engine would hang the request. On timeout the generation is cancelled
-    (vLLM aborts the request) and its id is remembered so that the caller can tell this error apart."""
+    prompt's KV from a prefill engine must produce its first output within its pull deadline (``PullDeadline``:
+    from the bytes to move, the pull speed this engine measured, and whether it knows that prefill engine yet).
+    vLLM has no deadline of its own there: a frozen prefill engine would hang the request. On timeout the
+    generation is cancelled (vLLM aborts the request) and its id is remembered so that the caller can tell this
+    error apart."""
 
-    def __init__(self, client, timeout_s: float):
-        self._client = client
-        self._timeout_s = timeout_s
+    def __init__(self, client, deadline: PullDeadline, kv_bytes_per_block: int, read_stats):
+        self._client, self._deadline, self._kv_bytes_per_block = client, deadline, kv_bytes_per_block
+        self._read_stats = read_stats  # () -> {"vllm:...": value}: this engine's own counters
         self.timed_out: set[str] = set()
+        self.known_engines: set[str] = set()  # prefill engines this engine pulled from (handshake done)
+        self.bytes_per_s: float | None = None  # measured pull speed (NIXL's bytes / transfer time)
+        self._seen = (0.0, 0.0)
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -112,17 +122,35 @@ class _KVPullDeadline:
     def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         stream = self._client.generate(prompt, sampling_params, request_id, *args, **kwargs)
         params = (getattr(sampling_params, "extra_args", None) or {}).get("kv_transfer_params") or {}
-        return self._first_output_deadline(stream, request_id) if params.get("do_remote_prefill") else stream
+        if not params.get("do_remote_prefill"):
+            return stream
+        handoff = KVTransferParams.model_validate(params)
+        first_contact = handoff.remote_engine_id not in self.known_engines
+        timeout_s = self._deadline.seconds(handoff.num_blocks * self._kv_bytes_per_block, self.bytes_per_s,
+                                           first_contact)
+        return self._first_output_deadline(stream, request_id, timeout_s, handoff.remote_engine_id)
 
-    async def _first_output_deadline(self, stream, request_id: str):
+    async def _first_output_deadline(self, stream, request_id: str, timeout_s: float, remote_engine: str):
         try:
-            first = await asyncio.wait_for(anext(stream), self._timeout_s)
+            first = await asyncio.wait_for(anext(stream), timeout_s)
         except TimeoutError:
             self.timed_out.add(request_id)
-            raise KVPullTimeout(f"KV pull from the prefill engine timed out after {self._timeout_s:.0f} s") from None
+            raise KVPullTimeout(f"KV pull from the prefill engine timed out after {timeout_s:.1f} s") from None
+        self.known_engines.add(remote_engine)
+        self._measure()
         yield first
         async for output in stream:
             yield output
+
+    def _measure(self) -> None:
+        """Pull speed from NIXL's own stats of this engine: bytes over transfer time since the last look."""
+        v = self._read_stats()
+        now = (v.get("vllm:nixl_bytes_transferred_sum", 0.0), v.get("vllm:nixl_xfer_time_seconds_sum", 0.0))
+        moved, took = now[0] - self._seen[0], now[1] - self._seen[1]
+        if moved > 0 and took > 0:
+            speed = moved / took
+            self.bytes_per_s = speed if self.bytes_per_s is None else 0.7 * self.bytes_per_s + 0.3 * speed
+            self._seen = now
 
 
 class VLLMEngine:
@@ -146,7 +174,8 @@ class VLLMEngine:
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.spec.cli_args())
         validate_parsed_serve_args(args)
         real_client = await self._start_client(args)
-        self._client = _KVPullDeadline(real_client, self.spec.kv_pull_timeout_s)
+        self._client = _KVPullDeadline(real_client, self.spec.pull_deadline, self.kv_bytes_per_block,
+                                       lambda: self.stats("").values)
         state = State()
         await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
         self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
@@ -175,6 +204,7 @@ class VLLMEngine:
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         self.kv_bytes_per_token = (2 * mc.get_num_layers(pc) * mc.get_num_kv_heads(pc) * mc.get_head_size()
                                    * mc.dtype.itemsize)
+        self.kv_bytes_per_block = self.kv_bytes_per_token * vllm_config.cache_config.block_size
         self.kv_fingerprint = kv_fingerprint(mc.model, {
             "vllm": vllm_version, "dtype": str(mc.dtype), "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
             "block_size": vllm_config.cache_config.block_size, "num_layers": mc.get_num_layers(pc),

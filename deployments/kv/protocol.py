@@ -93,6 +93,24 @@ def decode_request(endpoint: str, body: dict, kv_transfer_params: dict | None,
                         kv_fingerprint=kv_fingerprint)
 
 
+@dataclass(frozen=True)
+class PullDeadline:
+    """How long a decode engine may take to pull a prompt's KV and produce its first token: a fixed part (its
+    queue and first step), the bytes over the link's speed with headroom, and an allowance for the first
+    handshake with that prefill engine (NIXL metadata exchange and UCX endpoints); never past ``cap_s``."""
+
+    base_s: float = 5.0
+    factor: float = 4.0
+    assumed_bytes_per_s: float = 1e8  # until the engine measured its own pulls
+    first_handshake_s: float = 5.0
+    cap_s: float = 10.0
+
+    def seconds(self, num_bytes: int, measured_bytes_per_s: float | None, first_contact: bool) -> float:
+        speed = measured_bytes_per_s or self.assumed_bytes_per_s
+        s = self.base_s + self.factor * num_bytes / speed + (self.first_handshake_s if first_contact else 0.0)
+        return min(s, self.cap_s)
+
+
 def handoff_usable(kv_expires_at: float | None, now: float, kv_pull_timeout_s: float) -> bool:
     """Whether a pull started ``now`` finishes (or is aborted at its deadline) before the prefill side's lease
     ends; after that the prefill engine may have given the blocks to another request."""

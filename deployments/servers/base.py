@@ -75,9 +75,10 @@ class EngineServer:
             env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         spec = EngineSpec(
             model=resolve_model(settings.model.source), served_model_name=settings.model.served_model_name,
-            role=role, engine=settings.engine, kv_connector=settings.kv_connector,
+            role=role, engine=pool.engine_for(settings.engine), kv_connector=settings.kv_connector,
             engine_id=f"{self.replica}-{uuid.uuid4().hex[:8]}", num_gpus=pool.num_gpus, env=env,
             kv_lease_s=settings.routing.kv_lease_s, kv_pull_timeout_s=settings.routing.kv_pull_timeout_s,
+            pull_deadline=settings.routing.pull_deadline(),
         )
         self.num_outstanding_prompt_tokens = 0
         logger.info("starting %s engine %s (pid %d, env %s)", role, spec.engine_id, os.getpid(), env)

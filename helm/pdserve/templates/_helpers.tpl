@@ -57,7 +57,8 @@ app.kubernetes.io/part-of: pdserve
   "num_gpus" $d.numGpus
   "num_cpus" $d.numCpus
   "cpu_bind" $d.cpuBind
-  "ray_resources" (dict .pool.rayResource 1) }}
+  "ray_resources" (dict .pool.rayResource 1)
+  "nixl_side_channel_port_base" (int .pool.nixlPort) }}
 {{- if $a.enabled }}
 {{- if gt (int $a.minReplicas) (int $a.maxReplicas) }}
 {{- fail (printf "%s: deployment.autoscaling.minReplicas (%v) > maxReplicas (%v)" .name $a.minReplicas $a.maxReplicas) }}
@@ -108,7 +109,8 @@ app.kubernetes.io/part-of: pdserve
     "min_remote_prefill_tokens" (int $v.routing.minRemotePrefillTokens))
   "slo" (dict "ttft_s" $v.slo.ttftS "itl_s" $v.slo.itlS)
   "http" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
-  "request_timeout_s" $v.serve.requestTimeoutS) }}
+  "request_timeout_s" $v.serve.requestTimeoutS
+  "overrides" $v.settings) }}
 {{- end }}
 
 
@@ -202,7 +204,32 @@ app.kubernetes.io/part-of: pdserve
 {{- end }}
 {{- end }}
 
-{{/* A Ray pod spec. Args: dict "root" "group" (head or workerGroup values) "container" "resources" "ports". */}}
+{{/* A worker group's affinity: its own, plus pod affinity of decode pods to prefill pods when
+   `placement.prefillDecodeAffinity` asks for it. Args: dict "root" "name" "group". */}}
+{{- define "pdserve.workerAffinity" -}}
+{{- $affinity := deepCopy (default dict .group.affinity) }}
+{{- $mode := .root.Values.placement.prefillDecodeAffinity }}
+{{- if and (eq .name "decode") (ne $mode "none") }}
+{{- $term := dict
+  "labelSelector" (dict "matchLabels" (dict
+    "app.kubernetes.io/instance" .root.Release.Name "app.kubernetes.io/component" "prefill"))
+  "topologyKey" .root.Values.placement.topologyKey }}
+{{- $podAffinity := deepCopy (default dict $affinity.podAffinity) }}
+{{- if eq $mode "required" }}
+{{- $_ := set $podAffinity "requiredDuringSchedulingIgnoredDuringExecution"
+  (append (default list $podAffinity.requiredDuringSchedulingIgnoredDuringExecution) $term) }}
+{{- else }}
+{{- $_ := set $podAffinity "preferredDuringSchedulingIgnoredDuringExecution"
+  (append (default list $podAffinity.preferredDuringSchedulingIgnoredDuringExecution)
+    (dict "weight" 100 "podAffinityTerm" $term)) }}
+{{- end }}
+{{- $_ := set $affinity "podAffinity" $podAffinity }}
+{{- end }}
+{{- toYaml $affinity }}
+{{- end }}
+
+{{/* A Ray pod spec. Args: dict "root" "group" (head or workerGroup values) "container" "resources" "ports", and
+   optionally "affinity" (instead of the group's). */}}
 {{- define "pdserve.podSpec" -}}
 {{- $root := .root }}
 {{- $group := .group }}
@@ -218,7 +245,7 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $group.affinity }}
+{{- with (ternary .affinity $group.affinity (hasKey . "affinity")) }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -226,9 +253,14 @@ containers:
   - name: {{ .container }}
     image: {{ include "pdserve.image" $root }}
     imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-    {{- with (include "pdserve.env" $root) }}
     env:
-      {{- . | nindent 6 }}
+      {{- include "pdserve.env" $root | nindent 6 }}
+      {{- with $group.env }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    {{- with $group.securityContext }}
+    securityContext:
+      {{- toYaml . | nindent 6 }}
     {{- end }}
     {{- with $root.Values.envFrom }}
     envFrom:

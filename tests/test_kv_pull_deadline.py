@@ -1,0 +1,75 @@
+"""The KV pull deadline: the pure formula, and the engine-client wrapper that applies it (with a fake client)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.engine.vllm_engine import KVPullTimeout, _KVPullDeadline
+from deployments.kv.protocol import PullDeadline
+from deployments.settings import parse_settings
+
+GB = 1e9
+
+
+def test_deadline_grows_with_bytes_and_the_first_handshake_and_stops_at_the_cap():
+    d = PullDeadline(base_s=2, factor=4, assumed_bytes_per_s=1 * GB, first_handshake_s=5, cap_s=60)
+    assert d.seconds(0, None, first_contact=False) == 2
+    assert d.seconds(int(2.5 * GB), None, first_contact=False) == pytest.approx(12)  # 2 + 4 x 2.5 s
+    assert d.seconds(int(2.5 * GB), None, first_contact=True) == pytest.approx(17)
+    assert d.seconds(int(2.5 * GB), 10 * GB, first_contact=False) == pytest.approx(3)  # measured: 10 GB/s
+    assert d.seconds(int(100 * GB), None, first_contact=True) == 60
+
+
+def test_settings_build_the_deadline_and_keep_its_cap_below_the_lease():
+    routing = {"kv_pull_timeout_s": 50, "kv_lease_s": 120, "kv_pull_bytes_per_s": 5e9}
+    d = parse_settings({"mode": "colocated", "colocated": {}, "routing": routing}).routing.pull_deadline()
+    assert (d.cap_s, d.assumed_bytes_per_s, d.base_s, d.first_handshake_s) == (50, 5e9, 5.0, 5.0)
+
+
+class FakeEngineClient:
+    """Stands in for vLLM's AsyncLLM: each generation yields its first output after ``delay_s``."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    async def _gen(self):
+        await asyncio.sleep(self.delay_s)
+        yield "first"
+        yield "second"
+
+    def generate(self, prompt, sampling_params, request_id):
+        return self._gen()
+
+
+def _pull(engine: str, num_blocks: int) -> SimpleNamespace:
+    params = {"do_remote_prefill": True, "remote_engine_id": engine, "remote_request_id": "r",
+              "remote_block_ids": list(range(num_blocks)), "remote_host": "10.0.0.2", "remote_port": 5600}
+    return SimpleNamespace(extra_args={"kv_transfer_params": params})
+
+
+async def _collect(agen) -> list:
+    return [x async for x in agen]
+
+
+def test_wrapper_gives_a_first_pull_its_handshake_allowance_then_measures_the_link():
+    stats = {"vllm:nixl_bytes_transferred_sum": 0.0, "vllm:nixl_xfer_time_seconds_sum": 0.0}
+    deadline = PullDeadline(base_s=0.05, factor=1, assumed_bytes_per_s=1e12, first_handshake_s=0.3, cap_s=5)
+    client = _KVPullDeadline(FakeEngineClient(delay_s=0.2), deadline, kv_bytes_per_block=1000,
+                             read_stats=lambda: stats)
+    # First pull from engine P1: 0.05 s + the handshake allowance covers the 0.2 s first output.
+    stats.update({"vllm:nixl_bytes_transferred_sum": 4e6, "vllm:nixl_xfer_time_seconds_sum": 0.002})
+    assert asyncio.run(_collect(client.generate("p", _pull("P1", 4), "req-1"))) == ["first", "second"]
+    assert client.known_engines == {"P1"} and client.bytes_per_s == pytest.approx(2e9)
+    # P1 is known now: no allowance, and 0.05 s is too short for the same 0.2 s.
+    with pytest.raises(KVPullTimeout):
+        asyncio.run(_collect(client.generate("p", _pull("P1", 4), "req-2")))
+    assert client.timed_out == {"req-2"}
+
+
+def test_requests_without_a_handoff_are_not_wrapped():
+    client = _KVPullDeadline(FakeEngineClient(delay_s=0), PullDeadline(cap_s=0.001), 1000, dict)
+    plain = SimpleNamespace(extra_args=None)
+    assert asyncio.run(_collect(client.generate("p", plain, "req"))) == ["first", "second"]
