@@ -53,9 +53,10 @@ class Metrics:
         self.kv_transfer_size = h("pdserve_kv_transfer_size_bytes", "KV cache bytes a request handed to decode.",
                                   BYTES_BUCKETS)
         self.decode_time = h("pdserve_decode_time_seconds", "First token to last token.", LATENCY_BUCKETS_S)
-        self.kv_transfer_failures = Counter("pdserve_kv_transfer_failures",
-                                            description="KV pulls a decode replica abandoned at its deadline.",
-                                            tag_keys=("model",))
+        self.kv_transfer_failures = Counter(
+            "pdserve_kv_transfer_failures", tag_keys=("model",),
+            description="KV hand-offs a decode replica could not use: pulls past their deadline, failed inside vLLM "
+                        "and recomputed, past their lease, or of another KV layout.")
         self.fallbacks = Counter("pdserve_fallbacks", description="Failures survived, by kind.",
                                  tag_keys=("model", "kind"))
         self.routing_decisions = Counter("pdserve_routing_decisions",

@@ -30,6 +30,7 @@ class RouteReason(StrEnum):
     KV_PULL_FAILED = "kv_pull_failed"  # the decode engine could not pull the KV in time
     KV_LEASE_EXPIRED = "kv_lease_expired"  # the hand-off was older than the prefill side's lease
     KV_INCOMPATIBLE = "kv_incompatible"  # the prefill engine's KV layout or model differs from the decode engine's
+    KV_RECOMPUTED = "kv_recomputed"  # the pull failed inside vLLM, which prefilled on the decode engine instead
     NOT_TRANSFERABLE = "not_transferable"  # several prompts, n > 1, beam search, echo or prompt logprobs
     COLOCATED_MODE = "colocated_mode"
     REFUSED = "refused"  # refused at the ingress (4xx) before any routing
@@ -49,6 +50,7 @@ class Failure(StrEnum):
     KV_PULL_TIMEOUT = "kv_pull_timeout"
     KV_LEASE_EXPIRED = "kv_lease_expired"
     KV_INCOMPATIBLE = "kv_incompatible"  # the prefill engine's KV layout differs from the decode engine's
+    KV_RECOMPUTED = "kv_recomputed"  # the pull failed inside vLLM (kv_load_failure_policy: recompute)
     STREAM_INTERRUPTED = "stream_interrupted"  # after tokens went out: the stream ends with an error event
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's end-to-end deadline passed
 

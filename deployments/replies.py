@@ -59,6 +59,16 @@ class HandoffFailed:
     failure: Failure
 
 
+@dataclass(frozen=True)
+class PullRecomputed:
+    """Sent before the first output of a decode request whose KV pull failed inside vLLM: with
+    ``kv_load_failure_policy: recompute`` the decode engine computed the prompt itself. The ingress labels the
+    request accordingly (route ``local_prefill``, reason ``kv_recomputed``, ``kv_bytes`` 0)."""
+
+    num_prompt_tokens: int
+    num_cached_tokens: int  # what the engine did not compute: local prefix cache hits (and a partial pull)
+
+
 @dataclass
 class EngineStats:
     """A snapshot of one engine's own counters and gauges (summed over label sets)."""

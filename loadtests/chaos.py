@@ -116,6 +116,18 @@ def run_scenario(base_url: str, name: str, fault, heal, args, out: Path) -> Path
     return report_dir
 
 
+def warm_up(base_url: str) -> None:
+    """A few requests before the baseline: the first prefills, NIXL handshakes and pulls of a fresh cluster are
+    slower, and would count against the baseline."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {os.environ['PDSERVE_API_KEY']}"} if os.environ.get("PDSERVE_API_KEY") else {}
+    for i in range(4):
+        body = {"model": "smollm2-135m-instruct", "max_tokens": 4,
+                "prompt": f"[warm-up {i}] " + "A long report of the northern mill and its workers. " * 80}
+        httpx.post(f"{base_url}/v1/completions", json=body, headers=headers, timeout=120)
+
+
 def render(results: dict, args) -> str:
     lines = [f"Load: locust `{args.profile}` profile, {args.rate} req/s open loop, {args.max_tokens} output tokens, "
              f"{args.phase_s:.0f} s per scenario; fault at 1/3, healed at 2/3 (where it heals). Hung: no end of "
@@ -138,8 +150,8 @@ def render(results: dict, args) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/chaos", help="where the results go")
-    parser.add_argument("--phase-s", type=float, default=90, help="seconds of load per scenario")
-    parser.add_argument("--rate", type=float, default=0.25, help="requests per second (open loop)")
+    parser.add_argument("--phase-s", type=float, default=120, help="seconds of load per scenario")
+    parser.add_argument("--rate", type=float, default=0.1, help="requests per second (open loop)")
     parser.add_argument("--profile", default="rag", help="locust workload profile (rag: long prompts, disaggregated)")
     parser.add_argument("--max-tokens", type=int, default=24, help="output tokens per request")
     parser.add_argument("--hung-after-s", type=float, default=120, help="a request without an end by then hung")
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     base_url = f"http://{nodes['head'][1]}:8000"
     results: dict[str, dict] = {}
     try:
+        warm_up(base_url)
         for name, fault, heal in scenarios(nodes):
             if args.only and name != "baseline" and name not in args.only:
                 continue
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "chaos.md").write_text(render(results, args))
     print(render(results, args))
-    return 0 if all(r["hung"] == 0 for r in results.values()) else 1
+    return 0 if all(r.get("hung", 0) == 0 for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -16,15 +16,15 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.api.ingress import Ingress
 from deployments.outcomes import Failure
-from deployments.replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, ReplicaTag
+from deployments.replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
 from deployments.routing import ReplicaLoad
 from deployments.settings import PDServeSettings
 
 # What a fake replica does with a call, by name: see FakePool.script.
 FAKE_PREFILL_NODE, FAKE_DECODE_NODE = "10.9.0.1", "10.9.0.2"  # Ray node addresses the fake replicas report
 FAKE_KV_FINGERPRINT = "fp-model-a"  # the decode replicas' KV layout; a prefill replica may report another
-OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM = (
-    "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream")
+OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM, KV_RECOMPUTED = (
+    "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream", "kv_recomputed")
 
 
 class FakePool:
@@ -152,6 +152,8 @@ class FakeDecodeHandle:
         if behaviour == KV_TIMEOUT and req.kv_transfer_params is not None:
             yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
             return
+        if behaviour == KV_RECOMPUTED and req.kv_transfer_params is not None:  # vLLM's recompute policy
+            yield PullRecomputed(num_prompt_tokens=500, num_cached_tokens=0)
         if req.kv_expires_at is not None and time.time() >= req.kv_expires_at:
             yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
             return

@@ -34,12 +34,12 @@ def _test_configs(tmp: Path) -> Path:
     serve = yaml.safe_load((ROOT / "cluster/multinode-serve.yaml").read_text())
     pd = serve["applications"][0]
     pd["args"]["engine"] |= {"dtype": "float32", "max_num_seqs": 4}
-    pd["args"]["routing"] = {"kv_pull_timeout_s": 6, "breaker_cooldown_s": 10}
+    pd["args"]["routing"] = {"kv_pull_timeout_s": 9, "breaker_cooldown_s": 5}
     colo = {"name": "colocated", "route_prefix": "/colocated", "import_path": pd["import_path"],
             "args": {k: v for k, v in pd["args"].items() if k not in ("prefill", "decode", "routing")}
             | {"mode": "colocated", "colocated": pd["args"]["decode"] | {"cpu_bind": ["0"]}}}
     # Both pools autoscale between 1 and 2 replicas on their own signal, quickly (logical CPUs: 2 per node).
-    quick = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 15,
+    quick = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
              "look_back_period_s": 4, "metrics_interval_s": 1}
     pd["args"]["prefill"]["autoscaling"] = quick | {"target_per_replica": 600}
     pd["args"]["decode"]["autoscaling"] = quick | {"target_per_replica": 2}
@@ -95,6 +95,28 @@ def test_replicas_run_on_their_own_nodes(nodes):
     assert lines[nodes["prefill1"][1]][1] == "prefill" and "PrefillServer:" in lines[nodes["prefill1"][1]][3], out
     decode = " ".join(lines[nodes["decode1"][1]][3:])
     assert lines[nodes["decode1"][1]][1] == "decode" and "DecodeServer:" in decode and "ColocatedServer:" in decode
+
+
+def test_first_pull_over_a_cut_link_is_recomputed_and_labelled_so(nodes, api):
+    """Before any pull: with the prefill<->decode link cut, the decode engine's first NIXL handshake fails and
+    vLLM (kv_load_failure_policy: recompute) prefills on the decode engine. The response says so: local prefill,
+    reason kv_recomputed, no KV bytes; vLLM's own failure counter on the decode node agrees."""
+    decode_addr = nodes["decode1"][1]
+    failed_before = _node_metric(decode_addr, "ray_vllm_nixl_num_failed_transfers_total")
+    multinode.cut_link(nodes["prefill1"], nodes["decode1"])
+    try:
+        resp = _complete(api, tagged("recomputed", long_prompt(30)))
+    finally:
+        multinode.cut_link(nodes["prefill1"], nodes["decode1"], cut=False)
+    assert resp.status_code == 200, resp.text
+    assert (resp.headers["x-pdserve-route"], resp.headers["x-pdserve-route-reason"]) == ("local_prefill",
+                                                                                        "kv_recomputed")
+    assert resp.headers["x-pdserve-fallback"] == "kv_recomputed" and resp.json()["pdserve_timing"]["kv_bytes"] == 0
+    deadline = time.monotonic() + 20
+    while _node_metric(decode_addr, "ray_vllm_nixl_num_failed_transfers_total") <= failed_before:
+        assert time.monotonic() < deadline, "vLLM did not count the failed pull"
+        time.sleep(1)
+    time.sleep(6)  # the breaker held the prefill replica out: let it close before the next tests
 
 
 def test_kv_crosses_the_link_between_nodes(nodes, api):
@@ -175,17 +197,22 @@ def _wait_replicas(deployment: str, count: int, timeout_s: float = 120) -> None:
 
 
 def test_pools_scale_up_and_down_independently_without_failed_requests(api):
-    """Long outputs load the decode pool: it grows, the prefill pool stays; at idle it shrinks back, draining.
-    Then long prompts with one output token load the prefill pool on its own signal."""
+    """Long outputs load the decode pool: it grows, the prefill pool stays. Then long prompts with one output token
+    load the prefill pool on its own signal: it grows while the decode pool, now nearly idle, shrinks back
+    (draining); at idle the prefill pool shrinks too."""
     assert (_replicas("PrefillServer"), _replicas("DecodeServer")) == (1, 1)
     decode_heavy = _load_until(api, lambda tag: {"model": MODEL, "prompt": tagged(f"dh-{tag}", long_prompt(8)),
                                                  "max_tokens": 48, "temperature": 0, "ignore_eos": True},
                                lambda: _replicas("DecodeServer") == 2)
     assert _replicas("PrefillServer") == 1
-    _wait_replicas("DecodeServer", 1)
+    seen = {"decode_back_to_1": False}
+
+    def prefill_up_decode_down() -> bool:
+        seen["decode_back_to_1"] |= _replicas("DecodeServer") == 1
+        return seen["decode_back_to_1"] and _replicas("PrefillServer") == 2
+
     prefill_heavy = _load_until(api, lambda tag: {"model": MODEL, "prompt": tagged(f"ph-{tag}", long_prompt(40)),
-                                                  "max_tokens": 1, "temperature": 0},
-                                lambda: _replicas("PrefillServer") == 2)
+                                                  "max_tokens": 1, "temperature": 0}, prefill_up_decode_down)
     _wait_replicas("PrefillServer", 1)
     resps = decode_heavy + prefill_heavy
     assert resps and [r.status_code for r in resps] == [200] * len(resps), [r.text for r in resps if r.is_error]
@@ -203,7 +230,7 @@ def test_cut_link_every_request_answers(nodes, api):
         multinode.cut_link(prefill, decode, cut=False)
     assert [r.status_code for r in resps] == [200] * 6, [r.text for r in resps]
     assert all(r.headers["x-pdserve-route"] == "local_prefill" for r in resps), [dict(r.headers) for r in resps]
-    time.sleep(11)  # breaker cooldown
+    time.sleep(6)  # breaker cooldown
     deadline = time.monotonic() + 60
     while True:
         resp = _complete(api, tagged(f"healed-{time.monotonic()}", long_prompt(30)))

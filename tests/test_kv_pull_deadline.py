@@ -69,6 +69,41 @@ def test_wrapper_gives_a_first_pull_its_handshake_allowance_then_measures_the_li
     assert client.timed_out == {"req-2"}
 
 
+class FakeOutput:
+    """The first RequestOutput vLLM yields: prompt token ids and how many of them were not computed here."""
+
+    def __init__(self, num_prompt_tokens: int, num_cached_tokens: int):
+        self.prompt_token_ids, self.num_cached_tokens = list(range(num_prompt_tokens)), num_cached_tokens
+
+
+class FakeRecomputingClient(FakeEngineClient):
+    def __init__(self, num_cached_tokens: int):
+        super().__init__(delay_s=0)
+        self.num_cached_tokens = num_cached_tokens
+
+    async def _gen(self):
+        yield FakeOutput(1000, self.num_cached_tokens)
+
+
+@pytest.mark.parametrize("cached, delivered", [(1000, True), (999, True), (968, True), (64, False), (0, False)])
+def test_a_pull_that_left_the_prompt_to_compute_is_reported_as_recomputed(cached, delivered):
+    client = _KVPullDeadline(FakeRecomputingClient(cached), PullDeadline(), 1000, dict, block_size=32)
+    asyncio.run(_collect(client.generate("p", _pull("P1", 32), "cmpl-req-0")))
+    assert (client.recomputed == {}) is delivered
+    assert ("P1" in client.known_engines) is delivered  # only a delivered pull proves the handshake
+    if not delivered:
+        assert client.recomputed == {"cmpl-req-0": (1000, cached)}
+
+
+def test_the_decode_hand_off_drops_the_prefill_sides_cached_token_count():
+    from deployments.kv import KVTransferParams
+
+    params = KVTransferParams.model_validate({
+        "do_remote_prefill": True, "remote_engine_id": "e", "remote_request_id": "r", "remote_block_ids": [1],
+        "remote_host": "h", "remote_port": 5600, "remote_prefill_cached_tokens": 512})
+    assert "remote_prefill_cached_tokens" not in params.for_decode()
+
+
 def test_requests_without_a_handoff_are_not_wrapped():
     client = _KVPullDeadline(FakeEngineClient(delay_s=0), PullDeadline(cap_s=0.001), 1000, dict)
     plain = SimpleNamespace(extra_args=None)

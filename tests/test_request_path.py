@@ -26,6 +26,7 @@ from tests.fakes import (
     ERROR_5XX,
     FAKE_DECODE_NODE,
     FAKE_PREFILL_NODE,
+    KV_RECOMPUTED,
     KV_TIMEOUT,
     OK,
     STALL,
@@ -250,6 +251,21 @@ def test_kv_pull_timeout_prefills_locally_and_blames_the_prefill_replica():
     assert decode.calls[1][1].kv_transfer_params is None
     assert trace.fallbacks == [Failure.KV_PULL_TIMEOUT]
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN  # threshold 1 here
+
+
+def test_pull_recomputed_by_vllm_is_labelled_as_a_local_prefill():
+    """vLLM's recompute policy answers after a failed pull as if nothing happened; the decode replica says so
+    and the request is labelled honestly: local prefill, reason kv_recomputed, no KV bytes, prefill replica
+    blamed. The stream itself goes on (nothing is sent twice)."""
+    prefill, decode = pools()
+    decode.script["d1"] = [KV_RECOMPUTED]
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, LONG | {"stream": True})
+    assert replies[-1] == "data: [DONE]\n\n" and len(decode.calls) == 1
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.KV_RECOMPUTED
+    assert trace.fallbacks == [Failure.KV_RECOMPUTED] and trace.kv_bytes == 0 and trace.prefill_replica is None
+    assert trace.headers()["x-pdserve-fallback"] == "kv_recomputed"
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
 
 
 def test_handoff_from_an_engine_with_another_kv_layout_is_not_pulled():

@@ -143,6 +143,8 @@ class Ingress:
                 trace.fallbacks.append(started.failure)
                 trace.prefill_locally(_HANDOFF_FAILED_REASON[started.failure])
                 started = await self.decode.start(req, None, route, trace)
+            elif handoff is not None and Failure.KV_RECOMPUTED in trace.fallbacks:  # the pull failed inside vLLM
+                self.prefill.pool.breaker.record_failure(handoff.prefill_replica)
             if not isinstance(started, DecodeStream):
                 yield started
                 return

@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError
 from ..kv import KVTransferParams, PhaseRequest, decode_request, prefill_request
 from ..metrics import metrics
 from ..outcomes import Failure, Phase, RouteReason
-from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, ReplicaTag
+from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
 from ..routing import RouteRequest
 from ..settings import RoutingSettings
 from .attempts import AttemptResult, Pool, Verdict, run_attempts
@@ -186,6 +186,13 @@ class DecodePhase:
         try:
             tag = await asyncio.wait_for(anext(stream), trace.remaining_s())
             first = await asyncio.wait_for(anext(stream), trace.remaining_s())
+            if isinstance(first, PullRecomputed):  # the engine computed the prompt itself: say so, then go on
+                logger.warning("%s: KV pull on %s failed inside vLLM; the prompt was recomputed (%d of %d tokens "
+                               "not computed)", trace.request_id, route.target, first.num_cached_tokens,
+                               first.num_prompt_tokens)
+                trace.fallbacks.append(Failure.KV_RECOMPUTED)
+                trace.prefill_locally(RouteReason.KV_RECOMPUTED)
+                first = await asyncio.wait_for(anext(stream), trace.remaining_s())
         except asyncio.CancelledError:
             stream.cancel()
             raise

@@ -26,7 +26,7 @@ from ..kv import PhaseRequest, internal_fields_in
 from ..kv.params import KVTransferParams
 from ..kv.protocol import PullDeadline
 from ..outcomes import Failure
-from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply
+from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply, PullRecomputed
 from ..settings import EngineSettings, KVConnectorSettings
 
 logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
@@ -108,8 +108,10 @@ class _KVPullDeadline:
     generation is cancelled (vLLM aborts the request) and its id is remembered so that the caller can tell this
     error apart."""
 
-    def __init__(self, client, deadline: PullDeadline, kv_bytes_per_block: int, read_stats):
+    def __init__(self, client, deadline: PullDeadline, kv_bytes_per_block: int, read_stats, block_size: int = 1):
         self._client, self._deadline, self._kv_bytes_per_block = client, deadline, kv_bytes_per_block
+        self._block_size = block_size
+        self.recomputed: dict[str, tuple[int, int]] = {}  # request id -> (prompt tokens, tokens not computed)
         self._read_stats = read_stats  # () -> {"vllm:...": value}: this engine's own counters
         self.timed_out: set[str] = set()
         self.known_engines: set[str] = set()  # prefill engines this engine pulled from (handshake done)
@@ -136,11 +138,22 @@ class _KVPullDeadline:
         except TimeoutError:
             self.timed_out.add(request_id)
             raise KVPullTimeout(f"KV pull from the prefill engine timed out after {timeout_s:.1f} s") from None
-        self.known_engines.add(remote_engine)
-        self._measure()
+        if self._pull_delivered(first, request_id):
+            self.known_engines.add(remote_engine)
+            self._measure()
         yield first
         async for output in stream:
             yield output
+
+    def _pull_delivered(self, first, request_id: str) -> bool:
+        """Whether the KV arrived: vLLM counts pulled tokens as cached. A pull that failed inside vLLM (handshake
+        or transfer error, ``kv_load_failure_policy: recompute``) leaves only local prefix-cache hits, so at least
+        one full block of the prompt was computed here."""
+        prompt, cached = len(getattr(first, "prompt_token_ids", None) or []), getattr(first, "num_cached_tokens", None)
+        if not prompt or cached is None or cached >= prompt - self._block_size:
+            return True
+        self.recomputed[request_id] = (prompt, cached)
+        return False
 
     def _measure(self) -> None:
         """Pull speed from NIXL's own stats of this engine: bytes over transfer time since the last look."""
@@ -175,7 +188,7 @@ class VLLMEngine:
         validate_parsed_serve_args(args)
         real_client = await self._start_client(args)
         self._client = _KVPullDeadline(real_client, self.spec.pull_deadline, self.kv_bytes_per_block,
-                                       lambda: self.stats("").values)
+                                       lambda: self.stats("").values, self.block_size)
         state = State()
         await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
         self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
@@ -204,7 +217,8 @@ class VLLMEngine:
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         self.kv_bytes_per_token = (2 * mc.get_num_layers(pc) * mc.get_num_kv_heads(pc) * mc.get_head_size()
                                    * mc.dtype.itemsize)
-        self.kv_bytes_per_block = self.kv_bytes_per_token * vllm_config.cache_config.block_size
+        self.block_size = vllm_config.cache_config.block_size
+        self.kv_bytes_per_block = self.kv_bytes_per_token * self.block_size
         self.kv_fingerprint = kv_fingerprint(mc.model, {
             "vllm": vllm_version, "dtype": str(mc.dtype), "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
             "block_size": vllm_config.cache_config.block_size, "num_layers": mc.get_num_layers(pc),
@@ -275,6 +289,8 @@ class VLLMEngine:
                 if self._pull_timed_out(request_id):
                     yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
                     return
+                if recomputed := self._pull_recomputed(request_id):
+                    yield recomputed
                 yield first
                 async for chunk in result:
                     yield chunk
@@ -282,6 +298,8 @@ class VLLMEngine:
         if self._pull_timed_out(request_id):
             yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
             return
+        if recomputed := self._pull_recomputed(request_id):
+            yield recomputed
         payload = result.model_dump(mode="json", exclude_none=False)
         if "error" in payload and "choices" not in payload:
             err = payload["error"]
@@ -289,6 +307,11 @@ class VLLMEngine:
                              err.get("type") or "InternalServerError", err.get("param"))
             return
         yield JsonReply(payload)
+
+    def _pull_recomputed(self, request_id: str) -> PullRecomputed | None:
+        """vLLM runs our request under ids derived from ours (e.g. ``cmpl-<id>-0``)."""
+        hits = [r for r in self._client.recomputed if request_id in r]
+        return PullRecomputed(*self._client.recomputed.pop(hits[0])) if hits else None
 
     def _pull_timed_out(self, request_id: str) -> bool:
         hits = {r for r in self._client.timed_out if request_id in r}

@@ -32,4 +32,7 @@ class KVTransferParams(BaseModel):
         return sum(len(g) for g in ids) if ids and isinstance(ids[0], list) else len(ids)
 
     def for_decode(self) -> dict:
-        return self.model_dump(exclude_none=False)
+        """The hand-off as the decode engine gets it, less ``remote_prefill_cached_tokens`` (the prefill engine's
+        prefix cache hits): with it vLLM reports those as the decode request's cached tokens, which would hide
+        whether the pull delivered the prompt (``_KVPullDeadline`` reads the decode engine's own count)."""
+        return self.model_dump(exclude_none=False, exclude={"remote_prefill_cached_tokens"})

@@ -14,7 +14,7 @@ from ray import serve
 from ..kv import PhaseRequest, handoff_usable
 from ..metrics import metrics
 from ..outcomes import Failure
-from ..replies import ErrorReply, HandoffFailed, JsonReply, ReplicaTag
+from ..replies import ErrorReply, HandoffFailed, JsonReply, PullRecomputed, ReplicaTag
 from ..routing import RouteRequest
 from .base import EngineServer, logger
 
@@ -23,7 +23,7 @@ from .base import EngineServer, logger
 class DecodeServer(EngineServer):
     async def generate(
         self, req: PhaseRequest, route: RouteRequest | None = None
-    ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | HandoffFailed | str]:
+    ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | HandoffFailed | PullRecomputed | str]:
         """First a ``ReplicaTag`` (who serves the request), then the engine's reply.
 
         A hand-off whose lease would run out before a pull could finish (the request waited, or was retried
@@ -40,6 +40,6 @@ class DecodeServer(EngineServer):
             yield HandoffFailed(Failure.KV_INCOMPATIBLE)
             return
         async for item in self.engine.generate(req):
-            if isinstance(item, HandoffFailed):
+            if isinstance(item, HandoffFailed | PullRecomputed):
                 metrics().kv_transfer_failures.inc(tags={"model": spec.served_model_name})
             yield item
