@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run run-multinode down status test test-unit lint clean prometheus bench fuzz soak chaos
+.PHONY: install run run-multinode down status test test-slow test-unit lint clean prometheus bench fuzz soak chaos
 
 install: $(STAMP)
 
@@ -46,7 +46,11 @@ prometheus:
 	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
 
 test: install prometheus lint
-	$(BIN)/python -m pytest -v -rA --durations=15 tests
+	$(BIN)/python -m pytest -v -rA --durations=15 -m "not slow" tests
+
+# Minutes-long load runs on a real cluster (autoscaling of both pools on the multi-node cluster); docs/reliability.md.
+test-slow: install
+	$(BIN)/python -m pytest -v -rA -m slow tests
 
 # ruff: lint and import order (pyproject.toml [tool.ruff])
 lint: install

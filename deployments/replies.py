@@ -77,6 +77,7 @@ class EngineStats:
     role: str
     pid: int
     node: str = ""  # the Ray node address of the replica
+    kv_fingerprint: str = ""  # what a hand-off's engine must match (VLLMEngine.kv_fingerprint)
     values: dict[str, float] = field(default_factory=dict)
 
     def get(self, name: str) -> float:

@@ -196,6 +196,7 @@ def _wait_replicas(deployment: str, count: int, timeout_s: float = 120) -> None:
         time.sleep(3)
 
 
+@pytest.mark.slow  # ~5 minutes: two engine starts under load, two scale-downs (make test-slow)
 def test_pools_scale_up_and_down_independently_without_failed_requests(api):
     """Long outputs load the decode pool: it grows, the prefill pool stays. Then long prompts with one output token
     load the prefill pool on its own signal: it grows while the decode pool, now nearly idle, shrinks back

@@ -132,6 +132,7 @@ def test_killed_prefill_replica_loses_no_request(cluster):
     expected = [_text(_complete(cluster.colocated, cluster.model, p, max_tokens=8)) for p in prompts[:4]]
     base_resps, base_times = _burst(cluster, [tagged(f"warm-{i}-{uuid.uuid4().hex[:6]}", LONG) for i in range(24)])
     assert all(r.status_code == 200 for r in base_resps), [r.text for r in base_resps if r.status_code != 200]
+    time.sleep(11)  # a breaker the warm-up burst opened (prefill queued past its deadline) closes first
     victim = cluster.replicas("PrefillServer")[0]
 
     def kill():
@@ -228,7 +229,8 @@ def test_failed_kv_pull_is_bounded_and_falls_back(cluster, silent_side_channel, 
     body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, SHORT), "max_tokens": 4, "temperature": 0}
     handle = serve.get_deployment_handle("DecodeServer", "pdserve").options(stream=True)
     t0 = time.monotonic()
-    items = list(handle.generate.remote(decode_request("completions", body, params, time.time() + 30)))
+    fingerprint = cluster.stats("DecodeServer").kv_fingerprint  # a hand-off from an engine like the decode ones
+    items = list(handle.generate.remote(decode_request("completions", body, params, time.time() + 30, fingerprint)))
     elapsed = time.monotonic() - t0
     reply = items[1]
     assert elapsed < 8 + 10, elapsed
@@ -314,7 +316,8 @@ def test_kv_pull_from_a_frozen_prefill_engine_hits_the_deadline(cluster):
     def pd(handoff_body=None):
         b = handoff_body or body()
         handoff = prefill.prefill.remote(prefill_request("completions", b), route=to_p).result()
-        return b, decode_request("completions", b, handoff.kv_transfer_params, handoff.kv_expires_at)
+        return b, decode_request("completions", b, handoff.kv_transfer_params, handoff.kv_expires_at,
+                                  handoff.kv_fingerprint)
 
     _, warm = pd()  # decode handshakes with prefill
     assert type(list(decode.generate.remote(warm, route=to_d))[1]).__name__ == "JsonReply"

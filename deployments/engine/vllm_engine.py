@@ -337,4 +337,5 @@ class VLLMEngine:
                 if sample.name.endswith(("_created", "_bucket")):
                     continue
                 values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
-        return EngineStats(replica=replica, role=self.spec.role, pid=os.getpid(), node=node, values=values)
+        return EngineStats(replica=replica, role=self.spec.role, pid=os.getpid(), node=node,
+                           kv_fingerprint=self.kv_fingerprint, values=values)
