@@ -270,7 +270,10 @@ class VLLMEngine:
             yield request
             return
         if req.kv_transfer_params is not None:
-            request.kv_transfer_params = req.kv_transfer_params
+            # Without the prefill side's cached-token count vLLM reports this engine's own, which tells whether the
+            # pull delivered the prompt (_KVPullDeadline._pull_delivered).
+            request.kv_transfer_params = {k: v for k, v in req.kv_transfer_params.items()
+                                          if k != "remote_prefill_cached_tokens"}
         request.request_id = request_id = uuid.uuid4().hex
         serving = self._serving[req.endpoint]
         create = serving.create_chat_completion if req.endpoint == "chat" else serving.create_completion
