@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -100,6 +101,9 @@ class KVPullTimeout(RuntimeError):
     pass
 
 
+MEASURE_INTERVAL_S = 1.0
+
+
 class _KVPullDeadline:
     """The engine client handed to vLLM's serving layer, with one addition: a generation that pulls its
     prompt's KV from a prefill engine must produce its first output within its pull deadline (``PullDeadline``:
@@ -117,6 +121,7 @@ class _KVPullDeadline:
         self.known_engines: set[str] = set()  # prefill engines this engine pulled from (handshake done)
         self.bytes_per_s: float | None = None  # measured pull speed (NIXL's bytes / transfer time)
         self._seen = (0.0, 0.0)
+        self._measured_at = float("-inf")  # monotonic: reading the registry walks every metric, so at most 1/s
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -156,7 +161,11 @@ class _KVPullDeadline:
         return False
 
     def _measure(self) -> None:
-        """Pull speed from NIXL's own stats of this engine: bytes over transfer time since the last look."""
+        """Pull speed from NIXL's own stats of this engine: bytes over transfer time since the last look. Not on
+        every pull: the counters accumulate, so one look a second measures the same speed at a fraction of the cost."""
+        if time.monotonic() - self._measured_at < MEASURE_INTERVAL_S:
+            return
+        self._measured_at = time.monotonic()
         v = self._read_stats()
         now = (v.get("vllm:nixl_bytes_transferred_sum", 0.0), v.get("vllm:nixl_xfer_time_seconds_sum", 0.0))
         moved, took = now[0] - self._seen[0], now[1] - self._seen[1]
