@@ -10,7 +10,7 @@ from ray.serve.config import RequestRouterConfig
 
 from .api import Ingress
 from .routing.autoscaling import PoolAutoscalingPolicy
-from .servers import DecodeServer, PrefillServer
+from .servers import DecodeServer, ElasticServer, PrefillServer
 from .settings import PDServeSettings, PoolSettings, parse_settings
 
 
@@ -30,7 +30,8 @@ def _autoscaling_config(pool: PoolSettings, settings: PDServeSettings, role: str
 
 
 def _pool_options(settings: PDServeSettings, role: str) -> dict:
-    pool = {"prefill": settings.prefill, "decode": settings.decode, "colocated": settings.colocated}[role]
+    pool = {"prefill": settings.prefill, "decode": settings.decode, "colocated": settings.colocated,
+            "elastic": settings.elastic}[role]
     policy = settings.routing.prefill_policy if role == "prefill" else settings.routing.decode_policy
     size = ({"autoscaling_config": _autoscaling_config(pool, settings, role)} if pool.autoscaling
             else {"num_replicas": pool.num_replicas})
@@ -63,6 +64,9 @@ def build_app(args: dict | PDServeSettings, ingress_env: dict[str, str] | None =
         engines = DecodeServer.options(
             name="ColocatedServer", **_pool_options(settings, "colocated"))
         return ingress.bind(settings, None, engines.bind(settings, "colocated"))
+    if settings.mode == "elastic":  # one pool plays both phases: the ingress holds it as both
+        engines = ElasticServer.options(**_pool_options(settings, "elastic")).bind(settings, "elastic")
+        return ingress.bind(settings, engines, engines)
     prefill = PrefillServer.options(**_pool_options(settings, "prefill"))
     prefill = prefill.bind(settings, "prefill")
     decode = DecodeServer.options(**_pool_options(settings, "decode"))

@@ -12,8 +12,8 @@ from enum import StrEnum
 class Route(StrEnum):
     """Where a request's prompt was prefilled."""
 
-    DISAGGREGATED = "disaggregated"  # on a prefill replica; the decode replica pulled the KV
-    LOCAL_PREFILL = "local_prefill"  # on the decode replica itself (disaggregated mode)
+    DISAGGREGATED = "disaggregated"  # on a prefill replica (elastic: another engine); the decode replica pulled the KV
+    LOCAL_PREFILL = "local_prefill"  # on the decode replica itself (disaggregated or elastic mode)
     COLOCATED = "colocated"  # colocated mode: one engine does both
 
 
@@ -33,6 +33,11 @@ class RouteReason(StrEnum):
     KV_RECOMPUTED = "kv_recomputed"  # the pull failed inside vLLM, which prefilled on the decode engine instead
     NOT_TRANSFERABLE = "not_transferable"  # several prompts, n > 1, beam search, echo or prompt logprobs
     COLOCATED_MODE = "colocated_mode"
+    # elastic mode (deployments/routing/elastic.py): why a prompt stayed on its decode engine, or left it
+    NO_STREAMS_TO_STALL = "no_streams_to_stall"  # the decode engine runs no streams a local prefill could stall
+    STALL_WITHIN_SLO = "stall_within_slo"  # a local prefill stalls its streams less than the ITL target
+    BALANCE_STREAMS = "balance_streams"  # the quietest engine serves it whole: decoding elsewhere piles streams up
+    ITL_PROTECTED = "itl_protected"  # prefilled on a quieter engine: locally it would stall streams past the ITL target
     REFUSED = "refused"  # refused at the ingress (4xx) before any routing
 
 

@@ -144,6 +144,10 @@ class RoutingSettings(_Strict):
         2, ge=1, description="Consecutive failures that take a replica out of rotation."
     )
     breaker_cooldown_s: float = Field(15, gt=0, description="How long a failing replica stays out before a probe.")
+    elastic_max_stream_imbalance: int = Field(
+        4, ge=0, description="Elastic mode: the most streams a decode engine may run above the engine that prefilled "
+        "for it. Past it, that quieter engine serves the request whole, so decode load spreads over the pool."
+    )
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests queued per pool beyond the replicas' capacity before HTTP 429; -1: no bound."
     )
@@ -265,10 +269,11 @@ class HttpSettings(_Strict):
 
 
 class PDServeSettings(_Strict):
-    mode: Literal["disaggregated", "colocated"] = Field(
+    mode: Literal["disaggregated", "colocated", "elastic"] = Field(
         "disaggregated",
         description="'disaggregated': prefill and decode on separate replicas with KV transfer; "
-        "'colocated': ordinary replicas do both (the baseline).",
+        "'colocated': ordinary replicas do both (the baseline); 'elastic': one pool of engines, each prefilling or "
+        "decoding as each request's choice of (prefill, decode) engines says (deployments/routing/elastic.py).",
     )
     model: ModelSettings = Field(default_factory=ModelSettings, description="What model to serve.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine arguments.")
@@ -278,6 +283,7 @@ class PDServeSettings(_Strict):
     prefill: PoolSettings | None = Field(None, description="Prefill pool (disaggregated mode).")
     decode: PoolSettings | None = Field(None, description="Decode pool (disaggregated mode).")
     colocated: PoolSettings | None = Field(None, description="The single pool of colocated mode.")
+    elastic: PoolSettings | None = Field(None, description="The single pool of elastic mode (NIXL kv_both engines).")
     routing: RoutingSettings = Field(default_factory=RoutingSettings, description="Routing, retries, deadlines.")
     slo: SLOSettings = Field(default_factory=SLOSettings, description="Targets that define goodput.")
     http: HttpSettings = Field(default_factory=HttpSettings, description="HTTP endpoint.")
@@ -290,17 +296,15 @@ class PDServeSettings(_Strict):
 
     @model_validator(mode="after")
     def _pools_match_mode(self) -> PDServeSettings:
-        if self.mode == "disaggregated":
-            if self.prefill is None or self.decode is None:
-                raise ValueError("mode 'disaggregated' needs both 'prefill' and 'decode' pools")
-            if self.colocated is not None:
-                raise ValueError("'colocated' pool is only valid with mode 'colocated'")
-        else:
-            if self.colocated is None:
-                raise ValueError("mode 'colocated' needs a 'colocated' pool")
-            if self.prefill is not None or self.decode is not None:
-                raise ValueError("'prefill'/'decode' pools are only valid with mode 'disaggregated'")
-        for name in ("prefill", "decode", "colocated"):
+        wanted = {"disaggregated": ("prefill", "decode"), "colocated": ("colocated",), "elastic": ("elastic",)}
+        for name in ("prefill", "decode", "colocated", "elastic"):
+            given = getattr(self, name) is not None
+            if name in wanted[self.mode] and not given:
+                raise ValueError(f"mode '{self.mode}' needs the pool(s) {' and '.join(map(repr, wanted[self.mode]))}")
+            if name not in wanted[self.mode] and given:
+                raise ValueError(f"pool '{name}' is not valid with mode '{self.mode}' (it takes "
+                                 f"{' and '.join(map(repr, wanted[self.mode]))})")
+        for name in ("prefill", "decode", "colocated", "elastic"):
             pool = getattr(self, name)
             if pool is None:
                 continue
@@ -312,7 +316,7 @@ class PDServeSettings(_Strict):
             if pool.num_gpus > 0 and engine.tensor_parallel_size > pool.num_gpus:
                 raise ValueError(f"{name}: tensor_parallel_size {engine.tensor_parallel_size} needs num_gpus >= "
                                  f"{engine.tensor_parallel_size} per replica (has {pool.num_gpus:g})")
-        gpu_pools = [p for p in (self.prefill, self.decode, self.colocated) if p and p.num_gpus > 0]
+        gpu_pools = [p for p in (self.prefill, self.decode, self.colocated, self.elastic) if p and p.num_gpus > 0]
         if self.kv_connector.kv_buffer_device == "cuda" and not gpu_pools:
             raise ValueError("kv_connector.kv_buffer_device 'cuda' needs pools with num_gpus > 0")
         return self

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-ENGINE_DEPLOYMENTS = ("PrefillServer", "DecodeServer", "ColocatedServer")
+ENGINE_DEPLOYMENTS = ("PrefillServer", "DecodeServer", "ColocatedServer", "ElasticServer")
 BUSY_KEYS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
 
 

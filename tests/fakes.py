@@ -196,3 +196,27 @@ def count(calls: list[tuple[str, object]]) -> dict[str, int]:
     for replica, _ in calls:
         out[replica] += 1
     return dict(out)
+
+
+class FakeElasticHandle:
+    """One fake pool whose replicas answer both phases, as an elastic deployment does."""
+
+    def __init__(self, pool: FakePool, **kwargs):
+        self.pool = pool
+        self.prefill = FakePrefillHandle(pool, **kwargs)
+        self._decode = FakeDecodeHandle(pool)
+        self.generate = self._decode
+
+    def options(self, **kwargs):
+        return self
+
+
+def fake_elastic_ingress(pool: FakePool, settings: dict | None = None):
+    """The real ``Ingress`` class (not deployed) in elastic mode over one fake pool."""
+    args = _merge({"mode": "elastic", "elastic": {}}, settings or {})
+    cls = Ingress.func_or_class.__mro__[1]
+    handle = FakeElasticHandle(pool)
+    ingress = cls(PDServeSettings.model_validate(args), handle, handle)
+    for phase in (ingress.prefill, ingress.decode):
+        phase.pool.view, phase.pool.probe = pool.view, pool.probe
+    return ingress

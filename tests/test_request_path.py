@@ -114,8 +114,9 @@ def test_frozen_prefill_costs_one_deadline_and_is_never_waited_on_twice():
     assert count(prefill.calls) == {"p1": 1} and prefill.probes == ["p1"]
     assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.PREFILL_FAILED
     assert trace.fallbacks == [Failure.PREFILL_TIMEOUT]
-    expected_s = ingress.prefill.deadline_s(ingress.route(inspect("completions", LONG, ingress.model_name,
-                                                                  ingress.settings.limits, 2048), Trace("x", "m")))
+    prefill_route, _ = ingress.route(inspect("completions", LONG, ingress.model_name, ingress.settings.limits, 2048),
+                                     Trace("x", "m"))
+    expected_s = ingress.prefill.deadline_s(prefill_route)
     assert took_s < expected_s + 0.05 + 0.3  # deadline + probe + slack
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.OPEN
     assert isinstance(replies[0], JsonReply)

@@ -36,9 +36,12 @@ def test_invalid_value_is_named():
 
 
 @pytest.mark.parametrize("args,message", [
-    ({"mode": "disaggregated", "decode": {}}, "needs both 'prefill' and 'decode'"),
-    ({"mode": "colocated"}, "needs a 'colocated' pool"),
-    ({"mode": "colocated", "colocated": {}, "prefill": {}}, "only valid with mode 'disaggregated'"),
+    ({"mode": "disaggregated", "decode": {}}, "mode 'disaggregated' needs the pool\\(s\\) 'prefill' and 'decode'"),
+    ({"mode": "colocated"}, "mode 'colocated' needs the pool\\(s\\) 'colocated'"),
+    ({"mode": "colocated", "colocated": {}, "prefill": {}}, "pool 'prefill' is not valid with mode 'colocated'"),
+    ({"mode": "elastic"}, "mode 'elastic' needs the pool\\(s\\) 'elastic'"),
+    ({"mode": "elastic", "elastic": {}, "decode": {}}, "pool 'decode' is not valid with mode 'elastic'"),
+    ({"mode": "colocated", "colocated": {}, "elastic": {}}, "pool 'elastic' is not valid with mode 'colocated'"),
     ({"prefill": {}, "decode": {}, "kv_connector": {"kv_buffer_device": "cuda"}}, "needs pools with num_gpus"),
 ])
 def test_cross_field_rules(args, message):

@@ -57,10 +57,13 @@ class Pool:
         return [load for rid, load in view.items() if rid not in excluded]
 
     def choose(self, route: RouteRequest, exclude: set[str]) -> tuple[bool, str | None]:
-        """(go, target): whether to attempt at all, and on which replica (None: the router chooses)."""
+        """(go, target): whether to attempt at all, and on which replica (None: the router chooses). A replica the
+        ingress already chose for the request (``route.target``, elastic mode) comes first while it may be tried."""
         view = self.view()
         if view is None:  # no routing data yet in this process: Serve's router picks
             return True, None
+        if route.target is not None and route.target in view and route.target not in exclude:
+            return True, route.target
         ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), view)
         if ranked:
             return True, ranked[0]
@@ -69,8 +72,9 @@ class Pool:
 
 async def run_attempts(pool: Pool, phase: Phase, num_attempts: int, route: RouteRequest, trace: Trace,
                        attempt: Callable[[RouteRequest], Awaitable[AttemptResult[T]]]) -> AttemptResult[T] | None:
-    """Up to ``num_attempts`` attempts on distinct replicas. None: no attempt succeeded or none was possible."""
-    exclude = set(pool.breaker.excluded())
+    """Up to ``num_attempts`` attempts on distinct replicas, none of ``route.exclude``. None: no attempt succeeded
+    or none was possible."""
+    exclude = set(route.exclude) | pool.breaker.excluded()
     for _ in range(num_attempts):
         if trace.remaining_s() <= 0:
             trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)

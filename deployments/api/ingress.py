@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,7 @@ from ..metrics import metrics, record_request
 from ..outcomes import Failure, Route, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply
 from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill, pools
+from ..routing.elastic import ElasticLimits, Ledger, choose_pair
 from ..settings import PDServeSettings
 from . import auth
 from .attempts import Pool
@@ -103,17 +105,24 @@ def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fall
 @serve.ingress(api)
 class Ingress:
     def __init__(self, settings: PDServeSettings, prefill: DeploymentHandle | None, decode: DeploymentHandle):
+        """``prefill`` None: colocated mode; the same deployment as ``decode``: elastic mode, one pool of engines
+        that play both phases, sharing one breaker (an engine that fails, fails for both)."""
         self.settings = settings
         self.model_name = settings.model.served_model_name
         r = settings.routing
         breaker = lambda: CircuitBreaker(r.breaker_failure_threshold, r.breaker_cooldown_s)  # noqa: E731
+        self.elastic = settings.mode == "elastic"
+        self.ledger = Ledger() if self.elastic else None
+        names = {"disaggregated": ("PrefillServer", "DecodeServer"), "colocated": (None, "ColocatedServer"),
+                 "elastic": ("ElasticServer", "ElasticServer")}[settings.mode]
+        decode_breaker = breaker()
         self.prefill = None
         if prefill is not None:
-            self.prefill = PrefillPhase(prefill, _pool("PrefillServer", r.prefill_policy, breaker(), False), r,
-                                        self.model_name)
-        decode_name = "DecodeServer" if prefill is not None else "ColocatedServer"
-        self.decode = DecodePhase(decode.options(stream=True), _pool(decode_name, r.decode_policy, breaker(), True),
-                                  r, self.model_name)
+            prefill_breaker = decode_breaker if self.elastic else breaker()
+            self.prefill = PrefillPhase(prefill, _pool(names[0], r.prefill_policy, prefill_breaker, False), r,
+                                        self.model_name, self.ledger)
+        self.decode = DecodePhase(decode.options(stream=True), _pool(names[1], r.decode_policy, decode_breaker, True),
+                                  r, self.model_name, self.ledger)
         self.num_requests = 0
         self._gauge_refresh: asyncio.Task | None = None
         if auth.api_key() is None:
@@ -128,10 +137,10 @@ class Ingress:
 
     async def serve_request(self, req: ClientRequest, trace: Trace) -> AsyncIterator[JsonReply | ErrorReply | str]:
         """route → prefill → hand-off → decode → stream; every fallback is decided here."""
-        route = self.route(req, trace)
+        prefill_route, route = self.route(req, trace)
         handoff = None
         if trace.route is Route.DISAGGREGATED:
-            handoff = await self.prefill.run(req, route, trace)
+            handoff = await self.prefill.run(req, prefill_route, trace)
             if isinstance(handoff, RouteReason):  # no hand-off: the decode replica prefills
                 trace.prefill_locally(handoff)
                 handoff = None
@@ -151,21 +160,41 @@ class Ingress:
             async for item in self.decode.relay(started, trace):
                 yield item
 
-    def route(self, req: ClientRequest, trace: Trace) -> RouteRequest:
-        """Describe the request for the routing policies and decide where its prompt is prefilled."""
+    def route(self, req: ClientRequest, trace: Trace) -> tuple[RouteRequest, RouteRequest]:
+        """Describe the request for the routing policies and decide where its prompt is prefilled: the routes of
+        its prefill and its decode phase (elastic mode: each names the engine chosen for it)."""
         self.num_requests += 1
         route = RouteRequest(seq=self.num_requests, prefix_key=req.prefix_key, num_prompt_tokens=req.num_prompt_tokens)
         if self.prefill is None:
             trace.route, trace.reason = Route.COLOCATED, RouteReason.COLOCATED_MODE
         elif req.not_transferable is not None:
             trace.route, trace.reason = Route.LOCAL_PREFILL, RouteReason.NOT_TRANSFERABLE
+        elif self.elastic:
+            return self._elastic_routes(route, trace)
         else:
             loads = self.prefill.pool.live_loads()
             decision = decide_prefill(route.num_prompt_tokens, loads if loads is not None else [ReplicaLoad()],
                                       self.settings.routing.min_remote_prefill_tokens,
                                       self.settings.routing.max_prefill_waiting)
             trace.route, trace.reason = decision.route, decision.reason
-        return route
+        return route, route
+
+    def _elastic_routes(self, route: RouteRequest, trace: Trace) -> tuple[RouteRequest, RouteRequest]:
+        """The (prefill, decode) pair from one pool (routing/elastic.py). The prefill phase may retry on any engine
+        but the decode one: prefilling there is the local fallback."""
+        view = self.decode.pool.view() or {}
+        r = self.settings.routing
+        limits = ElasticLimits(itl_target_s=self.settings.slo.itl_s,
+                               min_remote_prefill_tokens=r.min_remote_prefill_tokens,
+                               max_stream_imbalance=r.elastic_max_stream_imbalance)
+        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s, limits,
+                               exclude=self.decode.pool.breaker.excluded())
+        trace.route, trace.reason = decision.route, decision.reason
+        decode_route = replace(route, target=decision.decode)
+        if decision.prefill is None:
+            return decode_route, decode_route
+        exclude = frozenset({decision.decode}) if decision.decode else frozenset()
+        return replace(route, target=decision.prefill, exclude=exclude), decode_route
 
     # ---- HTTP ----------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from ..metrics import metrics
 from ..outcomes import Failure, Phase, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
 from ..routing import RouteRequest
+from ..routing.elastic import Ledger
 from ..settings import RoutingSettings
 from .attempts import AttemptResult, Pool, Verdict, run_attempts
 from .requests import ClientRequest
@@ -70,8 +71,8 @@ async def _await(response):
 
 
 class PrefillPhase:
-    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
-        self.handle, self.pool, self.settings = handle, pool, settings
+    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str, ledger: Ledger | None = None):
+        self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, ledger
         self.inflight = InFlight(model, "prefill")
         self.tokens_per_s = settings.prefill_tokens_per_s  # the pool's measured prefill speed (EWMA)
 
@@ -105,6 +106,15 @@ class PrefillPhase:
         return RouteReason.PREFILL_FAILED
 
     async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[PrefillReply]:
+        if self.ledger is None:
+            return await self._try(req, route, trace)
+        self.ledger.add(route.target, prompt_tokens=route.num_prompt_tokens)
+        try:
+            return await self._try(req, route, trace)
+        finally:
+            self.ledger.add(route.target, prompt_tokens=-route.num_prompt_tokens)
+
+    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[PrefillReply]:
         timeout_s = min(self.deadline_s(route), trace.remaining_s())
         response = self.handle.prefill.remote(req, route=route)
         try:
@@ -158,11 +168,12 @@ class DecodeStream:
 
     first: JsonReply | str
     rest: Any  # the Serve streaming response
+    replica: str | None = None  # the replica the ingress chose for it (elastic mode's ledger)
 
 
 class DecodePhase:
-    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
-        self.handle, self.pool, self.settings = handle, pool, settings
+    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str, ledger: Ledger | None = None):
+        self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, ledger
         self.inflight = InFlight(model, "decode")
 
     async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
@@ -182,6 +193,22 @@ class DecodePhase:
                                f"attempt(s)", "ServiceUnavailable")
 
     async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
+        """Booked in the ledger (elastic mode): a stream on its replica until ``relay`` ends, and the prompt's tokens
+        while the replica prefills them itself (until its first reply)."""
+        if self.ledger is None:
+            return await self._try(req, route, trace)
+        local_tokens = 0 if req.kv_transfer_params else route.num_prompt_tokens
+        self.ledger.add(route.target, streams=1, prompt_tokens=local_tokens)
+        result = None
+        try:
+            result = await self._try(req, route, trace)
+            return result
+        finally:
+            self.ledger.add(route.target, prompt_tokens=-local_tokens)
+            if result is None or result.verdict is not Verdict.DONE:
+                self.ledger.add(route.target, streams=-1)
+
+    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
         stream = self.handle.generate.remote(req, route=route)
         try:
             tag = await asyncio.wait_for(anext(stream), trace.remaining_s())
@@ -218,7 +245,7 @@ class DecodePhase:
                            first.message)
             return AttemptResult(Verdict.RETRY, failure=Failure.DECODE_ERROR, replica_at_fault=True,
                                  replica=tag.replica)
-        return AttemptResult(Verdict.DONE, value=DecodeStream(first, stream), replica=tag.replica)
+        return AttemptResult(Verdict.DONE, value=DecodeStream(first, stream, route.target), replica=tag.replica)
 
     async def relay(self, started: DecodeStream, trace: Trace) -> AsyncIterator[JsonReply | str]:
         """The first reply, then the rest of the stream, all within the request's end-to-end deadline."""
@@ -235,3 +262,5 @@ class DecodePhase:
                 yield item
         finally:
             started.rest.cancel()  # no-op when finished; aborts the engine request when the client left early
+            if self.ledger is not None:
+                self.ledger.add(started.replica, streams=-1)

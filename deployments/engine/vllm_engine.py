@@ -32,9 +32,11 @@ from ..settings import EngineSettings, KVConnectorSettings
 
 logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
 
-Role = Literal["prefill", "decode", "colocated"]
+Role = Literal["prefill", "decode", "colocated", "elastic"]
 Endpoint = Literal["chat", "completions"]
-_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+# An elastic engine both hands off and pulls KV. vLLM logs kv_both as deprecated for NixlConnector (it wants one role
+# per engine); it is still what an engine that plays both roles must say.
+_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "elastic": "kv_both"}
 
 
 @dataclass

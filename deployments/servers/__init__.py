@@ -1,4 +1,5 @@
 from .decode import DecodeServer
+from .elastic import ElasticServer
 from .prefill import PrefillServer
 
-__all__ = ["DecodeServer", "PrefillServer"]
+__all__ = ["DecodeServer", "ElasticServer", "PrefillServer"]

@@ -20,7 +20,7 @@ from ..settings import PDServeSettings, PoolSettings
 logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: lands in the replica log
 
 
-DEFAULT_PORT_BASE = {"prefill": 5600, "decode": 5700, "colocated": 5800}
+DEFAULT_PORT_BASE = {"prefill": 5600, "decode": 5700, "colocated": 5800, "elastic": 5900}
 NUM_SPARE_PORTS = 32  # base+32 .. base+63: for a replica whose rank's port is still held
 
 
@@ -42,7 +42,8 @@ def side_channel_port(host: str, base: int, local_rank: int) -> int:
 
 
 def pool_of(settings: PDServeSettings, role: Role) -> PoolSettings:
-    return {"prefill": settings.prefill, "decode": settings.decode, "colocated": settings.colocated}[role]
+    return {"prefill": settings.prefill, "decode": settings.decode, "colocated": settings.colocated,
+            "elastic": settings.elastic}[role]
 
 
 class EngineServer:

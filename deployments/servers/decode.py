@@ -19,8 +19,7 @@ from ..routing import RouteRequest
 from .base import EngineServer, logger
 
 
-@serve.deployment(name="DecodeServer")
-class DecodeServer(EngineServer):
+class Decoder(EngineServer):
     async def generate(
         self, req: PhaseRequest, route: RouteRequest | None = None
     ) -> AsyncIterator[ReplicaTag | JsonReply | ErrorReply | HandoffFailed | PullRecomputed | str]:
@@ -43,3 +42,6 @@ class DecodeServer(EngineServer):
             if isinstance(item, HandoffFailed | PullRecomputed):
                 metrics().kv_transfer_failures.inc(tags={"model": spec.served_model_name})
             yield item
+
+
+DecodeServer = serve.deployment(name="DecodeServer")(Decoder)

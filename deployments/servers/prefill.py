@@ -13,8 +13,7 @@ from ..routing import RouteRequest
 from .base import EngineServer, logger
 
 
-@serve.deployment(name="PrefillServer")
-class PrefillServer(EngineServer):
+class Prefiller(EngineServer):
     kv_held_until = 0.0  # wall clock: the lease of the newest hand-off; a decode engine may pull until then
 
     async def before_engine_shutdown(self) -> None:
@@ -48,3 +47,6 @@ class PrefillServer(EngineServer):
             kv_bytes=num_prompt_tokens * self.engine.kv_bytes_per_token,
             kv_expires_at=self.kv_held_until, kv_fingerprint=self.engine.kv_fingerprint,
         )
+
+
+PrefillServer = serve.deployment(name="PrefillServer")(Prefiller)

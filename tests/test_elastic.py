@@ -1,0 +1,206 @@
+"""Elastic mode: the pure pair choice (deployments/routing/elastic.py), the ingress's ledger, and the request path
+over one fake pool whose engines play both phases (tests/fakes.py). The real-cluster test is in test_e2e_outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.outcomes import Failure, Route, RouteReason
+from deployments.routing import ReplicaLoad
+from deployments.routing.elastic import ElasticLimits, Ledger, choose_pair
+from deployments.settings import SettingsError, parse_settings
+from tests.fakes import DIE, KV_TIMEOUT, FakePool, fake_elastic_ingress
+from tests.test_request_path import FAST, LONG, SHORT, serve
+
+LIMITS = ElasticLimits(itl_target_s=0.1, min_remote_prefill_tokens=128, max_stream_imbalance=4)
+SPEED = 1000.0  # prompt tokens per second
+
+
+def load(running=0, waiting=0, tokens=0, kv=0.0) -> ReplicaLoad:
+    return ReplicaLoad(num_running=running, num_waiting=waiting, num_outstanding_prompt_tokens=tokens,
+                       kv_cache_usage=kv)
+
+
+def pair(d) -> tuple:
+    return d.route, d.reason, d.prefill, d.decode
+
+
+def test_short_prompt_is_served_whole_by_the_engine_with_fewest_streams():
+    d = choose_pair(50, {"a": load(running=3), "b": load(running=1)}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT, None, "b")
+
+
+def test_long_prompt_with_every_engine_idle_is_served_whole():
+    d = choose_pair(1500, {"a": load(), "b": load()}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "b")
+
+
+def test_long_prompt_is_prefilled_on_the_quietest_engine_and_decoded_on_another():
+    """Prefilling where the streams run would stall them 1.5 s, past the 0.1 s ITL target: the engine with the
+    fewest streams prefills, the next best decodes."""
+    d = choose_pair(1500, {"a": load(running=1), "b": load(running=3), "c": load(running=2)}, SPEED, LIMITS)
+    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "c")
+
+
+def test_prefill_engine_ties_on_streams_go_to_the_one_that_finishes_sooner():
+    loads = {"a": load(running=2, tokens=3000), "b": load(running=2), "c": load(running=2, tokens=500)}
+    assert choose_pair(1000, loads, SPEED, LIMITS).prefill == "b"
+
+
+def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
+    d = choose_pair(200, {"a": load(running=2), "b": load(running=2)}, 10_000.0, LIMITS)
+    assert pair(d)[:3] == (Route.LOCAL_PREFILL, RouteReason.STALL_WITHIN_SLO, None)
+
+
+def test_no_engine_taking_the_prefill_sooner_keeps_it_local():
+    """The quietest engine is buried in prompt tokens: the decode engine prefills the prompt itself, sooner."""
+    loads = {"a": load(running=1, tokens=5000), "b": load(running=2)}
+    d = choose_pair(1000, loads, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_OVERLOADED, None, "b")
+
+
+def test_streams_do_not_pile_onto_one_engine_past_the_imbalance_bound():
+    """Decoding on b would leave it 5 streams above a: a, the quietest, serves the request whole instead."""
+    d = choose_pair(1000, {"a": load(running=1), "b": load(running=5)}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.BALANCE_STREAMS, None, "a")
+    d = choose_pair(1000, {"a": load(running=1), "b": load(running=4)}, SPEED, LIMITS)
+    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
+
+
+def test_engine_without_kv_room_never_prefills_for_another():
+    loads = {"a": load(running=1, kv=0.95), "b": load(running=2), "c": load(running=3)}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
+    full = {"a": load(running=1, kv=0.95), "b": load(running=2, kv=0.97)}
+    assert pair(choose_pair(1000, full, SPEED, LIMITS)) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE,
+                                                            None, "a")
+
+
+def test_excluded_engines_are_never_chosen_and_no_engine_means_the_router_picks():
+    loads = {"a": load(running=1), "b": load(running=2)}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS, exclude={"b"})) == (
+        Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE, None, "a")
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS, exclude={"a", "b"})) == (
+        Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE, None, None)
+
+
+def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_and_back():
+    """Replaying the rule on its own bookings: a run of long prompts makes one engine prefill and the other decode
+    until the imbalance bound; then the quiet engine takes streams too."""
+    ledger, reported = Ledger(), {"a": load(), "b": load()}
+    routes = []
+    for _ in range(8):
+        d = choose_pair(1500, ledger.loads(reported), SPEED, LIMITS)
+        ledger.add(d.decode, streams=1)
+        routes.append((d.prefill, d.decode))
+    # b takes the first whole (both idle), then decodes what a prefills until it runs 4 streams more than a;
+    # from there a serves every other request whole (b would exceed the bound), b decodes the rest
+    assert routes == [(None, "b"), ("a", "b"), ("a", "b"), ("a", "b"), (None, "a"), ("a", "b"), (None, "a"),
+                      ("a", "b")]
+    assert ledger.streams == {"a": 2, "b": 6}
+
+
+def test_ledger_sees_what_was_sent_before_the_engines_report_it():
+    ledger = Ledger()
+    reported = {"a": load(), "b": load()}
+    ledger.add("a", streams=2, prompt_tokens=1500)
+    loads = ledger.loads(reported)
+    assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens) == (2, 1500)
+    # the fresh bookings make b the quiet engine: it prefills the next long prompt for a
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
+    # a later report that already counts them does not count them twice; one that shows more wins
+    assert ledger.loads({"a": load(running=2, tokens=1500), "b": load()})["a"].num_running == 2
+    assert ledger.loads({"a": load(running=5), "b": load()})["a"].num_running == 5
+    ledger.add("a", streams=-2, prompt_tokens=-1500)
+    assert ledger.streams == {} and ledger.prompt_tokens == {}
+
+
+def test_elastic_settings_need_their_one_pool():
+    s = parse_settings({"mode": "elastic", "elastic": {"num_replicas": 2}})
+    assert s.elastic.num_replicas == 2
+    with pytest.raises(SettingsError, match="pool 'prefill' is not valid with mode 'elastic'"):
+        parse_settings({"mode": "elastic", "elastic": {}, "prefill": {}})
+
+
+# ---- the request path on one fake pool ---------------------------------------------------------------------
+
+# Prefill speed assumed by the path tests: 1000 tokens/s, so a ~500-token prompt stalls streams 0.5 s (> ITL 0.1 s).
+PATH = {"routing": FAST["routing"] | {"prefill_tokens_per_s": 1000, "prefill_timeout_s": 1.0},
+        "slo": {"itl_s": 0.1}}
+
+
+def busy_pool() -> FakePool:
+    """e1, e2 and e3 run 1, 2 and 4 streams: a long prompt is prefilled on e1 and decoded on e2."""
+    return FakePool(["e1", "e2", "e3"], {"e1": load(running=1), "e2": load(running=2), "e3": load(running=4)})
+
+
+def prefills(pool: FakePool) -> list[str]:
+    return [r for r, req in pool.calls if req.kv_transfer_params and req.kv_transfer_params.get("do_remote_decode")]
+
+
+def decodes(pool: FakePool) -> list[tuple[str, str | None]]:
+    """(replica, the engine its hand-off came from; None: it prefilled the prompt itself)."""
+    return [(r, (req.kv_transfer_params or {}).get("remote_engine_id")) for r, req in pool.calls
+            if not (req.kv_transfer_params or {}).get("do_remote_decode")]
+
+
+def test_elastic_pair_prefills_on_one_engine_and_decodes_on_another():
+    pool = busy_pool()
+    ingress = fake_elastic_ingress(pool, PATH)
+    replies, trace = serve(ingress, LONG | {"stream": True})
+    assert (trace.route, trace.reason) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED)
+    assert prefills(pool) == ["e1"] and decodes(pool) == [("e2", "e-e1")]
+    h = trace.headers()
+    assert (h["x-pdserve-prefill-replica"], h["x-pdserve-decode-replica"]) == ("e1", "e2")
+    assert h["x-pdserve-route-reason"] == "itl_protected"
+    assert replies[-1] == "data: [DONE]\n\n"
+    assert ingress.ledger.streams == {} and ingress.ledger.prompt_tokens == {}  # nothing left booked
+
+
+def test_elastic_short_prompt_is_served_whole_by_one_engine():
+    pool = busy_pool()
+    _, trace = serve(fake_elastic_ingress(pool, PATH), SHORT)
+    assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT)
+    assert prefills(pool) == [] and decodes(pool) == [("e1", None)]
+
+
+def test_elastic_prefill_engine_dying_retries_on_another_engine_but_never_the_decode_one():
+    pool = busy_pool()
+    pool.script["e1"] = [DIE]
+    ingress = fake_elastic_ingress(pool, PATH)
+    _, trace = serve(ingress, LONG)
+    assert prefills(pool) == ["e1", "e3"] and decodes(pool) == [("e2", "e-e3")]
+    assert trace.fallbacks == [Failure.PREFILL_REPLICA_DIED] and trace.route is Route.DISAGGREGATED
+    # one breaker for both phases: the dead engine is out as a decode engine too
+    assert "e1" in ingress.decode.pool.breaker.excluded()
+    assert ingress.ledger.streams == {} and ingress.ledger.prompt_tokens == {}
+
+
+def test_elastic_every_other_engine_failing_prefills_on_the_decode_engine():
+    pool = FakePool(["e1", "e2"], {"e1": load(running=1), "e2": load(running=2)})
+    pool.script["e1"] = [DIE]
+    _, trace = serve(fake_elastic_ingress(pool, PATH), LONG)
+    assert prefills(pool) == ["e1"] and decodes(pool) == [("e2", None)]
+    assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_FAILED)
+
+
+def test_elastic_decode_engine_dying_before_its_first_token_is_retried_with_the_same_handoff():
+    pool = busy_pool()
+    pool.script["e2"] = [DIE]
+    ingress = fake_elastic_ingress(pool, PATH)
+    _, trace = serve(ingress, LONG)
+    assert prefills(pool) == ["e1"]
+    [(first, _), (second, source)] = decodes(pool)
+    assert first == "e2" and second != "e2" and source == "e-e1"
+    assert trace.fallbacks == [Failure.DECODE_REPLICA_DIED]
+    assert ingress.ledger.streams == {} and ingress.ledger.prompt_tokens == {}
+
+
+def test_elastic_failed_pull_prefills_on_the_decode_engine_and_blames_the_prefill_engine():
+    pool = busy_pool()
+    pool.script["e2"] = [KV_TIMEOUT, "ok"]
+    ingress = fake_elastic_ingress(pool, PATH)
+    _, trace = serve(ingress, LONG)
+    assert decodes(pool) == [("e2", "e-e1"), ("e2", None)]
+    assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.KV_PULL_FAILED)
+    assert ingress.prefill.pool.breaker is ingress.decode.pool.breaker
+    assert "e1" in ingress.decode.pool.breaker.excluded()  # threshold 1 in these tests
