@@ -29,11 +29,12 @@ API_KEY = "pdserve-e2e-key"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
-# Cluster test modules run in this order, after the fast tests: the multi-node cluster first (its own, removed
-# before the shared one starts), the idle-CPU test wants a quiet cluster, the resilience tests kill replicas, and
-# the metrics tests check (among others) metrics that failures create.
-CLUSTER_MODULE_ORDER = ["test_e2e_multinode", "test_e2e_cpu", "test_e2e_errors", "test_e2e_requests",
-                        "test_e2e_outputs", "test_e2e_loadtest", "test_e2e_resilience", "test_e2e_metrics"]
+# Cluster test modules run in this order, after the fast tests: the multi-node and the elastic clusters first (each
+# its own, removed before the next one starts), the idle-CPU test wants a quiet cluster, the resilience tests kill
+# replicas, and the metrics tests check (among others) metrics that failures create.
+CLUSTER_MODULE_ORDER = ["test_e2e_multinode", "test_e2e_elastic", "test_e2e_cpu", "test_e2e_errors",
+                        "test_e2e_requests", "test_e2e_outputs", "test_e2e_loadtest", "test_e2e_resilience",
+                        "test_e2e_metrics"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,17 +27,20 @@ def _body(endpoint: str, text: str, stream: bool, model: str) -> dict:
     return body
 
 
-def _call(http, base: str, endpoint: str, body: dict) -> tuple[str, str, dict]:
-    """(text, finish_reason, usage) of one request, streamed or not."""
+def _call(http, base: str, endpoint: str, body: dict, headers: dict | None = None) -> tuple[str, str, dict]:
+    """(text, finish_reason, usage) of one request, streamed or not; its response headers go into ``headers``."""
     path = "/chat/completions" if endpoint == "chat" else "/completions"
+    headers = {} if headers is None else headers
     if not body["stream"]:
         resp = http.post(base + path, json=body)
+        headers.update(resp.headers)
         assert resp.status_code == 200, resp.text
         choice = resp.json()["choices"][0]
         text = choice["message"]["content"] if endpoint == "chat" else choice["text"]
         return text, choice["finish_reason"], resp.json()["usage"]
     parts, finish, usage = [], None, None
     with http.stream("POST", base + path, json=body) as resp:
+        headers.update(resp.headers)
         assert resp.status_code == 200, resp.read()
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in resp.iter_lines() if line.startswith("data: ")]

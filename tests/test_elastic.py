@@ -99,19 +99,19 @@ def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_and_back():
     assert ledger.streams == {"a": 2, "b": 6}
 
 
-def test_ledger_sees_what_was_sent_before_the_engines_report_it():
+def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reported():
     ledger = Ledger()
-    reported = {"a": load(), "b": load()}
     ledger.add("a", streams=2, prompt_tokens=1500)
-    loads = ledger.loads(reported)
-    assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens) == (2, 1500)
+    loads = ledger.loads({"a": load(kv=0.3), "b": load(running=3, tokens=800)})  # b's report is stale
+    assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens, loads["a"].kv_cache_usage) == (2, 1500,
+                                                                                                           0.3)
+    assert (loads["b"].num_running, loads["b"].num_outstanding_prompt_tokens) == (0, 0)
     # the fresh bookings make b the quiet engine: it prefills the next long prompt for a
     assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
-    # a later report that already counts them does not count them twice; one that shows more wins
-    assert ledger.loads({"a": load(running=2, tokens=1500), "b": load()})["a"].num_running == 2
-    assert ledger.loads({"a": load(running=5), "b": load()})["a"].num_running == 5
     ledger.add("a", streams=-2, prompt_tokens=-1500)
+    ledger.add(None, streams=1)  # the router chose: nothing to book
     assert ledger.streams == {} and ledger.prompt_tokens == {}
+    assert set(ledger.loads({"b": load()})) == {"b"}  # only live engines
 
 
 def test_elastic_settings_need_their_one_pool():
@@ -128,9 +128,21 @@ PATH = {"routing": FAST["routing"] | {"prefill_tokens_per_s": 1000, "prefill_tim
         "slo": {"itl_s": 0.1}}
 
 
-def busy_pool() -> FakePool:
-    """e1, e2 and e3 run 1, 2 and 4 streams: a long prompt is prefilled on e1 and decoded on e2."""
-    return FakePool(["e1", "e2", "e3"], {"e1": load(running=1), "e2": load(running=2), "e3": load(running=4)})
+BUSY = {"e1": 1, "e2": 2, "e3": 4}  # streams per engine: a long prompt is prefilled on e1 and decoded on e2
+
+
+def elastic(streams: dict[str, int]):
+    """A fake pool and an elastic ingress whose ledger already holds ``streams`` (other clients' requests)."""
+    pool = FakePool(list(streams))
+    ingress = fake_elastic_ingress(pool, PATH)
+    for replica, n in streams.items():
+        ingress.ledger.add(replica, streams=n)
+    return pool, ingress
+
+
+def settled(ingress, streams: dict[str, int]) -> bool:
+    """The ledger is back to what it held before the test's requests: nothing booked was left behind."""
+    return ingress.ledger.streams == streams and ingress.ledger.prompt_tokens == {}
 
 
 def prefills(pool: FakePool) -> list[str]:
@@ -144,8 +156,7 @@ def decodes(pool: FakePool) -> list[tuple[str, str | None]]:
 
 
 def test_elastic_pair_prefills_on_one_engine_and_decodes_on_another():
-    pool = busy_pool()
-    ingress = fake_elastic_ingress(pool, PATH)
+    pool, ingress = elastic(BUSY)
     replies, trace = serve(ingress, LONG | {"stream": True})
     assert (trace.route, trace.reason) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED)
     assert prefills(pool) == ["e1"] and decodes(pool) == [("e2", "e-e1")]
@@ -153,52 +164,49 @@ def test_elastic_pair_prefills_on_one_engine_and_decodes_on_another():
     assert (h["x-pdserve-prefill-replica"], h["x-pdserve-decode-replica"]) == ("e1", "e2")
     assert h["x-pdserve-route-reason"] == "itl_protected"
     assert replies[-1] == "data: [DONE]\n\n"
-    assert ingress.ledger.streams == {} and ingress.ledger.prompt_tokens == {}  # nothing left booked
+    assert settled(ingress, BUSY)
 
 
 def test_elastic_short_prompt_is_served_whole_by_one_engine():
-    pool = busy_pool()
-    _, trace = serve(fake_elastic_ingress(pool, PATH), SHORT)
+    pool, ingress = elastic(BUSY)
+    _, trace = serve(ingress, SHORT)
     assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT)
     assert prefills(pool) == [] and decodes(pool) == [("e1", None)]
 
 
 def test_elastic_prefill_engine_dying_retries_on_another_engine_but_never_the_decode_one():
-    pool = busy_pool()
+    pool, ingress = elastic(BUSY)
     pool.script["e1"] = [DIE]
-    ingress = fake_elastic_ingress(pool, PATH)
     _, trace = serve(ingress, LONG)
     assert prefills(pool) == ["e1", "e3"] and decodes(pool) == [("e2", "e-e3")]
     assert trace.fallbacks == [Failure.PREFILL_REPLICA_DIED] and trace.route is Route.DISAGGREGATED
     # one breaker for both phases: the dead engine is out as a decode engine too
     assert "e1" in ingress.decode.pool.breaker.excluded()
-    assert ingress.ledger.streams == {} and ingress.ledger.prompt_tokens == {}
+    assert settled(ingress, BUSY)
 
 
 def test_elastic_every_other_engine_failing_prefills_on_the_decode_engine():
-    pool = FakePool(["e1", "e2"], {"e1": load(running=1), "e2": load(running=2)})
+    pool, ingress = elastic({"e1": 1, "e2": 2})
     pool.script["e1"] = [DIE]
-    _, trace = serve(fake_elastic_ingress(pool, PATH), LONG)
+    _, trace = serve(ingress, LONG)
     assert prefills(pool) == ["e1"] and decodes(pool) == [("e2", None)]
     assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_FAILED)
 
 
 def test_elastic_decode_engine_dying_before_its_first_token_is_retried_with_the_same_handoff():
-    pool = busy_pool()
+    pool, ingress = elastic(BUSY)
     pool.script["e2"] = [DIE]
-    ingress = fake_elastic_ingress(pool, PATH)
     _, trace = serve(ingress, LONG)
     assert prefills(pool) == ["e1"]
     [(first, _), (second, source)] = decodes(pool)
     assert first == "e2" and second != "e2" and source == "e-e1"
     assert trace.fallbacks == [Failure.DECODE_REPLICA_DIED]
-    assert ingress.ledger.streams == {} and ingress.ledger.prompt_tokens == {}
+    assert settled(ingress, BUSY)
 
 
 def test_elastic_failed_pull_prefills_on_the_decode_engine_and_blames_the_prefill_engine():
-    pool = busy_pool()
+    pool, ingress = elastic(BUSY)
     pool.script["e2"] = [KV_TIMEOUT, "ok"]
-    ingress = fake_elastic_ingress(pool, PATH)
     _, trace = serve(ingress, LONG)
     assert decodes(pool) == [("e2", "e-e1"), ("e2", None)]
     assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.KV_PULL_FAILED)

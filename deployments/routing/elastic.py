@@ -93,8 +93,9 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
 class Ledger:
     """What this ingress has in flight on each engine: open streams and prompt tokens not yet prefilled.
 
-    Load reports lag by up to a second; the ledger does not. ``loads`` combines both, taking the larger of each
-    (another ingress replica's requests show only in the reports)."""
+    The one ingress replica sends every request, so its ledger is exact and current, where the engines' own load
+    reports lag by up to a second or two (a request that just finished still shows): streams and prompt tokens
+    come from the ledger, KV cache usage from the reports."""
 
     def __init__(self) -> None:
         self.streams: dict[str, int] = {}
@@ -110,10 +111,7 @@ class Ledger:
                     del book[replica]
 
     def loads(self, reported: Mapping[str, ReplicaLoad]) -> dict[str, ReplicaLoad]:
-        out = {}
-        for rid, load in reported.items():
-            streams, tokens = self.streams.get(rid, 0), self.prompt_tokens.get(rid, 0)
-            running = max(load.num_running, streams - load.num_waiting)
-            out[rid] = replace(load, num_running=running,
-                               num_outstanding_prompt_tokens=max(load.num_outstanding_prompt_tokens, tokens))
-        return out
+        """The live engines (those reported), with this ledger's streams and prompt tokens."""
+        return {rid: replace(load, num_running=self.streams.get(rid, 0), num_waiting=0,
+                             num_outstanding_prompt_tokens=self.prompt_tokens.get(rid, 0))
+                for rid, load in reported.items()}

@@ -22,10 +22,10 @@ class Elastic(Prefiller, Decoder):
         self.num_outstanding_prompt_tokens += num_tokens
         try:
             async for item in Decoder.generate(self, req, route):
-                yield item
-                if num_tokens and not isinstance(item, ReplicaTag):
+                if num_tokens and not isinstance(item, ReplicaTag):  # the engine's first reply: prefill done
                     self.num_outstanding_prompt_tokens -= num_tokens
                     num_tokens = 0
+                yield item
         finally:
             self.num_outstanding_prompt_tokens -= num_tokens
 

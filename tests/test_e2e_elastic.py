@@ -1,0 +1,147 @@
+"""Elastic mode on a real cluster of its own: two kv_both engines (one core each) that prefill for each other or
+serve requests whole, as the ingress's policy chooses, over real HTTP and real NIXL; and the colocated baseline
+(one engine, one core) at /colocated. Runs before the shared cluster starts (conftest's module order) and
+removes its cluster afterwards.
+
+Outputs equal colocated token for token (float32, one thread per engine, greedy), whichever route a request
+took; the policy's routes follow from the ingress's own bookings, so they are deterministic here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from .conftest import API_KEY, AUTH, PDSERVE, ROOT
+from .prompts import SHORT, long_prompt, tagged
+from .test_e2e_outputs import _body, _call
+
+pytestmark = pytest.mark.cluster
+BASE = "http://127.0.0.1:8000"
+MODEL = "smollm2-135m-instruct"
+
+
+def _config(tmp: Path) -> Path:
+    elastic = yaml.safe_load((ROOT / "cluster/local-elastic.yaml").read_text())["applications"][0]
+    colo = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())["applications"][0]
+    colo |= {"name": "colocated", "route_prefix": "/colocated"}
+    for app in (elastic, colo):
+        app["args"]["engine"] |= {"dtype": "float32", "max_num_seqs": 4}
+    elastic["args"]["routing"] = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10}
+    path = tmp / "elastic.yaml"
+    path.write_text(yaml.safe_dump({"applications": [elastic, colo]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    path = _config(tmp_path_factory.mktemp("elastic"))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PDSERVE_API_KEY": API_KEY}
+    up = subprocess.run([PDSERVE, "up", "--config", str(path)], env=env, timeout=1200, capture_output=True, text=True)
+    print(up.stdout[-3000:], up.stderr[-3000:])
+    try:
+        assert up.returncode == 0, up.stderr[-5000:]
+        with httpx.Client(base_url=BASE, timeout=300, headers=AUTH) as client:
+            yield client
+    finally:
+        import ray
+
+        ray.shutdown()  # the shared cluster's fixture connects afresh
+        subprocess.run([PDSERVE, "down"], env=env, timeout=300)
+
+
+def _long_stream(api: httpx.Client, started: threading.Event, done: list) -> None:
+    """A short prompt with a long answer: one stream on one engine for the length of the test's next request."""
+    body = {"model": MODEL, "prompt": tagged(uuid.uuid4().hex, SHORT), "max_tokens": 200, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with api.stream("POST", "/v1/completions", json=body) as resp:
+        done.append(resp.headers.get("x-pdserve-decode-replica"))
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                started.set()
+    done.append(resp.status_code)
+
+
+def _routed(api: httpx.Client, endpoint: str, text: str, stream: bool) -> tuple[tuple, dict]:
+    """(text, finish, usage) through the elastic app, and the route headers it answered with."""
+    headers: dict = {}
+    out = _call(api, f"{BASE}/v1", endpoint, _body(endpoint, text, stream, MODEL), headers)
+    return out, headers
+
+
+@pytest.mark.parametrize("endpoint,stream", [("completions", False), ("chat", True)])
+def test_elastic_routes_equal_colocated(api, endpoint, stream):
+    """Idle pool: a long prompt is served whole by one engine. With a stream running on one engine, the next long
+    prompt is prefilled on the other (quiet) engine and decoded on the streaming one, which pulls its KV over
+    NIXL. Both answers equal the colocated engine's."""
+    texts = [tagged(f"elastic-{endpoint}-{i}-{uuid.uuid4().hex[:6]}", long_prompt(40)) for i in range(2)]
+    colo = [_call(api, f"{BASE}/colocated/v1", endpoint, _body(endpoint, t, stream, MODEL)) for t in texts]
+
+    whole, h = _routed(api, endpoint, texts[0], stream)
+    assert (h["x-pdserve-route"], h["x-pdserve-route-reason"]) == ("local_prefill", "no_streams_to_stall"), h
+    assert whole == colo[0]
+
+    started, done = threading.Event(), []
+    background = threading.Thread(target=_long_stream, args=(api, started, done))
+    background.start()
+    try:
+        assert started.wait(120), "the background stream never started"
+        (out, headers) = _routed(api, endpoint, texts[1], stream)
+    finally:
+        background.join(300)
+    assert headers["x-pdserve-route"] == "disaggregated", headers
+    assert headers["x-pdserve-route-reason"] == "itl_protected"
+    assert headers["x-pdserve-prefill-replica"] != headers["x-pdserve-decode-replica"]
+    assert headers["x-pdserve-decode-replica"] == done[0], "the stream's engine decodes, the quiet one prefills"
+    assert "x-pdserve-fallback" not in headers, headers
+    assert done[-1] == 200
+    assert out == colo[1]
+    assert out[2]["prompt_tokens"] > 400 and out[2]["completion_tokens"] > 0
+
+
+def test_elastic_short_prompt_is_served_whole(api):
+    text = tagged(uuid.uuid4().hex, SHORT)
+    out, h = _routed(api, "completions", text, False)
+    assert (h["x-pdserve-route"], h["x-pdserve-route-reason"]) == ("local_prefill", "short_prompt")
+    assert out == _call(api, f"{BASE}/colocated/v1", "completions", _body("completions", text, False, MODEL))
+
+
+def _engine_pids() -> dict[str, int]:
+    import ray
+
+    from loadtests.engines import replica_stats, serve_replicas
+
+    if not ray.is_initialized():
+        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    return {r.replica: replica_stats(*r).pid for r in serve_replicas("pdserve", "ElasticServer")}
+
+
+def test_killed_elastic_engine_loses_no_request(api):
+    """A mixed burst while one of the two engines is killed: every request is answered (a dead prefill engine or
+    a dead decode engine before the first token are retried on the other one, or prefilled locally there)."""
+    import signal
+
+    pids = _engine_pids()
+    victim = sorted(pids)[0]
+    prompts = [tagged(f"ekill-{i}-{uuid.uuid4().hex[:6]}", long_prompt(40) if i % 2 else SHORT) for i in range(10)]
+
+    def one(prompt: str) -> httpx.Response:
+        return api.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 16,
+                                                 "temperature": 0})
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(one, p) for p in prompts]
+        time.sleep(3)
+        os.kill(pids[victim], signal.SIGKILL)
+        resps = [f.result() for f in futures]
+    assert [r.status_code for r in resps] == [200] * len(prompts), [r.text[:200] for r in resps if r.status_code != 200]
+    survivors = {r.headers.get("x-pdserve-decode-replica") for r in resps if r.headers.get("x-pdserve-fallback")}
+    assert victim not in survivors  # a request that failed over ended on the other engine
