@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run run-multinode down status test test-slow test-unit lint clean prometheus bench fuzz soak chaos
+.PHONY: install run run-multinode down status test test-slow test-unit lint clean prometheus bench bench-overhead fuzz soak chaos
 
 install: $(STAMP)
 
@@ -59,10 +59,16 @@ lint: install
 test-unit: install
 	$(BIN)/python -m pytest -v -m "not cluster" tests
 
-# Goodput sweep, each setup started fresh at equal cores: pdserve colocated, pdserve PD, Ray Serve LLM PD (as
-# shipped and with the NIXL fix): loadtests/bench.py, results in docs/benchmarks.md.
+# Goodput sweep on the mixed, rag and chat profiles, each setup started fresh at equal cores and engine defaults:
+# pdserve elastic, colocated (one two-core engine; two one-core engines), static PD, Ray Serve LLM PD (as shipped
+# and with the NIXL fix): loadtests/bench.py. Then the serving overhead against vLLM's own server, one request at a
+# time: loadtests/overhead.py. Results in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
+	$(BIN)/python -m loadtests.overhead --out $(or $(BENCH_OUT),bench-results)
+
+bench-overhead: install
+	$(BIN)/python -m loadtests.overhead --out $(or $(BENCH_OUT),bench-results)
 
 # Against a running server (`make run`; with PDSERVE_API_KEY set if the server has one). Not in `make test`:
 # fuzz: schemathesis over vLLM's request schemas, >= 1,000 requests, streaming and not (loadtests/fuzz.py);

@@ -1,13 +1,17 @@
 """Goodput benchmark, as DistServe defines it: the highest Poisson request rate at which at least 90% of
 requests meet both the TTFT and the TPOT target, found per setup by a sweep of rates (doubling while the
-setup keeps up, then bisecting), each setup started fresh on the same machine in the same run: pdserve
-colocated, pdserve disaggregated, and Ray Serve LLM's ``build_pd_openai_app`` as shipped and with pdserve's
-NIXL idle-spin fix (loadtests/peer.py).
+setup keeps up, then bisecting), each setup started fresh on the same machine in the same run, all on the same
+cores with the engines' defaults (eager, as ``engine.enforce_eager`` defaults; docs/benchmarks.md says why):
+pdserve elastic, pdserve colocated (one engine on both cores, and two one-core engines with least-loaded
+routing), pdserve static PD, and Ray Serve LLM's ``build_pd_openai_app`` as shipped and with pdserve's NIXL
+idle-spin fix (loadtests/peer.py).
 
-    python -m loadtests.bench --profile mixed --duration-s 60 --out bench-results      (or: make bench)
+    python -m loadtests.bench --profiles mixed,rag,chat --duration-s 60 --out bench-results      (or: make bench)
 
-Prints and writes (``<out>/bench.md``, ``bench.json``, ``attainment.png``) a table of goodput, SLO attainment,
-p50/p99 TTFT, p99 ITL and throughput per setup, and pdserve disaggregated's ratios to each other setup.
+Prints and writes, per profile (``<out>/<profile>/bench.md``, ``bench.json``, ``attainment.png``), a table of
+goodput, SLO attainment, p50/p99 TTFT, p99 ITL and throughput per setup, pdserve elastic's ratios to each other
+setup, and the elastic policy's decisions (local / disaggregated, and why) at three rates; ``<out>/bench.md``
+holds every profile's tables.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ TARGET_ATTAINMENT = 0.9
 SETUPS: dict[str, tuple[str, str, dict]] = {
     "pdserve-colocated": ("pdserve", "cluster/local-colocated.yaml", {
         "colocated": {"num_replicas": 1, "num_cpus": 2, "cpu_bind": ["0-1"]}}),
+    "pdserve-colocated-2x1": ("pdserve", "cluster/local-colocated.yaml", {
+        "colocated": {"num_replicas": 2, "num_cpus": 1, "cpu_bind": ["0", "1"]},
+        "routing": {"decode_policy": "least_loaded"}}),
+    "pdserve-elastic": ("pdserve", "cluster/local-elastic.yaml", {}),
     "pdserve-pd": ("pdserve", "cluster/local-disaggregated.yaml", {}),
     "rayllm-pd": ("peer", "shipped", {}),
     "rayllm-pd-nixl-fix": ("peer", "nixl-fix", {}),
 }
-BASE, COLOCATED = "pdserve-pd", "pdserve-colocated"
+BASE = "pdserve-elastic"
+COLOCATED_SETUPS = ("pdserve-colocated", "pdserve-colocated-2x1")
 PEERS = tuple(name for name, (kind, _, _) in SETUPS.items() if kind == "peer")
 
 
@@ -85,7 +94,7 @@ def sweep(base_url: str, out: Path, profile: str, duration_s: float, start_rps: 
         summary = run_locust(base_url, profile, rate, duration_s, out / f"rate-{rate:.3f}", **options)
         runs.append({"rate_rps": rate} | {k: summary[k] for k in (
             "slo_attainment", "goodput_rps", "requests_per_s", "output_tokens_per_s", "num_requests", "num_failed",
-            "latency_s", "routes")})
+            "latency_s", "routes")} | {"route_reasons": summary.get("route_reasons", {})})
         lat = summary["latency_s"]
         _say(f"{out.name} @ {rate:.3f} req/s: attainment {summary['slo_attainment']:.0%} of "
              f"{summary['num_requests']}, TTFT p50 {lat['ttft']['p50']}, ITL p99 {lat['itl']['p99']}")
@@ -122,9 +131,16 @@ def at_rate(runs: list[dict], rate: float) -> dict | None:
     return next((r for r in runs if abs(r["rate_rps"] - rate) <= 0.01 * rate), None)
 
 
+def best_colocated(results: dict[str, list[dict]]) -> str | None:
+    """The colocated setup with the highest goodput in this run."""
+    ran = [name for name in COLOCATED_SETUPS if name in results]
+    return max(ran, key=lambda name: goodput(results[name]), default=None)
+
+
 def _ref_rate(results: dict[str, list[dict]]) -> float:
-    """Latencies are compared at the colocated setup's goodput rate (else the lowest rate every setup ran)."""
-    rate = goodput(results.get(COLOCATED, []))
+    """Latencies are compared at the best colocated setup's goodput rate (else the lowest rate every setup ran)."""
+    best = best_colocated(results)
+    rate = goodput(results[best]) if best else 0.0
     if rate and all(at_rate(runs, rate) for runs in results.values()):
         return rate
     common = [r["rate_rps"] for r in next(iter(results.values()))
@@ -139,10 +155,10 @@ def _ratio(a: float, b: float) -> str:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    """Per setup: goodput and latencies at the reference rate; then pdserve PD's ratios to every other setup."""
+    """Per setup: goodput and latencies at the reference rate; then pdserve elastic's ratios to every other setup."""
     ref = _ref_rate(results)
-    rows = [f"Latency and throughput columns at {ref:.3f} req/s (the colocated setup's goodput rate, where every "
-            "setup ran it).", "",
+    rows = [f"Latency and throughput columns at {ref:.3f} req/s (the best colocated setup's goodput rate, where "
+            "every setup ran it).", "",
             "| setup | goodput (req/s) | SLO attainment | TTFT p50 (s) | TTFT p99 (s) | ITL p99 (s) | "
             "throughput (tok/s) |", "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
@@ -188,13 +204,37 @@ def plot(results: dict[str, list[dict]], path: Path, profile: str) -> None:
     plt.close(fig)
 
 
+def decisions(runs: list[dict], num_rates: int = 3) -> str:
+    """How the elastic policy routed requests at (up to) three rates: lowest, middle and highest swept."""
+    runs = sorted(runs, key=lambda r: r["rate_rps"])
+    picked = runs if len(runs) <= num_rates else [runs[0], runs[len(runs) // 2], runs[-1]]
+    rows = ["| rate (req/s) | local | disaggregated | why (route/reason: requests) |", "|---|---|---|---|"]
+    for r in picked:
+        routes = r.get("routes", {})
+        why = ", ".join(f"{k}: {n}" for k, n in r.get("route_reasons", {}).items())
+        rows.append(f"| {r['rate_rps']:.3f} | {routes.get('local_prefill', 0)} | {routes.get('disaggregated', 0)} | "
+                    f"{why} |")
+    return "\n".join(rows)
+
+
+def report(results: dict[str, list[dict]], profile: str) -> str:
+    md = [f"### Profile `{profile}`", "", table(results)]
+    best = best_colocated(results)
+    if best:
+        md += ["", f"Best colocated setup: `{best}` ({goodput(results[best]):.3f} req/s)."]
+    if BASE in results:
+        md += ["", f"`{BASE}` policy decisions:", "", decisions(results[BASE])]
+    return "\n".join(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, run in this order, of: "
-                   + ", ".join(SETUPS) + f" (run {COLOCATED} first: its goodput rate is run by every later setup)")
-    p.add_argument("--profile", default="mixed", help="workload profile (loadtests/workloads.py)")
+                   + ", ".join(SETUPS) + " (run the colocated setups first: the best one's goodput rate is run by "
+                   "every later setup)")
+    p.add_argument("--profiles", default="mixed,rag,chat", help="workload profiles (loadtests/workloads.py)")
     p.add_argument("--duration-s", type=float, default=60, help="seconds per rate")
     p.add_argument("--start-rps", type=float, default=0.15, help="first rate of the sweep")
     p.add_argument("--num-bisect", type=int, default=2, help="bisection steps after the first miss")
@@ -203,32 +243,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", default="bench-results", help="results folder")
     args = p.parse_args(argv)
-    setups = args.setups.split(",")
+    setups, profiles = args.setups.split(","), args.profiles.split(",")
     unknown = set(setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setup(s): {', '.join(sorted(unknown))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {}
-    for setup in setups:
+    results: dict[str, dict[str, list[dict]]] = {profile: {} for profile in profiles}
+    for setup in setups:  # each setup started fresh once, then swept on every profile
         _say(f"starting {setup} fresh")
         _stop(setup)
         t0 = time.monotonic()
         _start(setup, out)
         _say(f"{setup} ready in {time.monotonic() - t0:.0f} s")
         try:
-            results[setup] = sweep("http://127.0.0.1:8000", out / setup, args.profile, args.duration_s,
-                                   args.start_rps, args.num_bisect,
-                                   extra_rates=(goodput(results[COLOCATED]),) if COLOCATED in results else (),
-                                   slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s,
-                                   max_tokens=args.max_tokens, seed=7, drain_timeout_s=120, no_plots=True)
+            for profile in profiles:
+                best = best_colocated(results[profile])
+                results[profile][setup] = sweep(
+                    "http://127.0.0.1:8000", out / profile / setup, profile, args.duration_s, args.start_rps,
+                    args.num_bisect, extra_rates=(goodput(results[profile][best]),) if best else (),
+                    slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s, max_tokens=args.max_tokens, seed=7,
+                    drain_timeout_s=120, no_plots=True)
+                (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
             _stop(setup)
-        (out / "bench.json").write_text(json.dumps(results, indent=1))  # partial results survive a later failure
-    md = table(results)
-    (out / "bench.md").write_text(md + "\n")
-    plot(results, out / "attainment.png", args.profile)
-    print(md)
+    md = []
+    for profile in profiles:
+        md.append(report(results[profile], profile))
+        (out / profile / "bench.md").write_text(md[-1] + "\n")
+        plot(results[profile], out / profile / "attainment.png", profile)
+    (out / "bench.md").write_text("\n\n".join(md) + "\n")
+    print("\n\n".join(md))
     return 0
 
 

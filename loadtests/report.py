@@ -112,6 +112,7 @@ def _metrics(samples: list[RequestSample], duration_s: float, slo_ttft_s: float,
                       "e2e": latency_stats([s.e2e_s for s in ok])},
         "errors": dict(Counter(s.error_kind for s in samples if not s.ok).most_common()),
         "routes": dict(Counter(s.route for s in ok if s.route).most_common()),
+        "route_reasons": dict(Counter(f"{s.route}/{s.route_reason}" for s in ok if s.route).most_common()),
     }
 
 

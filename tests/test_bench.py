@@ -2,7 +2,7 @@
 
 import pytest
 
-from loadtests.bench import COLOCATED, PEERS, SETUPS, _config, goodput, table
+from loadtests.bench import COLOCATED_SETUPS, PEERS, SETUPS, _config, best_colocated, decisions, goodput, table
 
 
 def _run(rate, attainment, ttft_p50=0.1, itl_p99=0.2):
@@ -19,20 +19,33 @@ def test_goodput_is_the_highest_rate_meeting_the_target_below_the_first_miss():
     assert goodput([_run(0.1, 0.5)]) == 0.0
 
 
-def test_table_compares_at_the_colocated_goodput_rate_with_ratios_to_disaggregated():
-    md = table({"pdserve-colocated": [_run(0.1, 1.0), _run(0.2, 0.95, itl_p99=0.5), _run(0.4, 0.3)],
-                "pdserve-pd": [_run(0.1, 1.0), _run(0.2, 0.95, itl_p99=0.1), _run(0.4, 0.92), _run(0.8, 0.2)],
-                "rayllm-pd": [_run(0.1, 0.05), _run(0.2, 0.0, ttft_p50=2.0)]})
+def test_table_compares_at_the_best_colocated_goodput_rate_with_ratios_to_elastic():
+    results = {"pdserve-colocated": [_run(0.1, 1.0), _run(0.2, 0.95, itl_p99=0.5), _run(0.4, 0.3)],
+               "pdserve-colocated-2x1": [_run(0.1, 1.0), _run(0.2, 0.3)],
+               "pdserve-elastic": [_run(0.1, 1.0), _run(0.2, 0.95, itl_p99=0.1), _run(0.4, 0.92), _run(0.8, 0.2)],
+               "rayllm-pd": [_run(0.1, 0.05), _run(0.2, 0.0, ttft_p50=2.0)]}
+    assert best_colocated(results) == "pdserve-colocated"
+    md = table(results)
     assert md.startswith("Latency and throughput columns at 0.200 req/s")
-    assert "| pdserve-pd | 0.400 | 95% | 0.100 | 0.200 | 0.100 | 2.0 |" in md
-    assert "| pdserve-pd / pdserve-colocated | 2.00 | 0.20 | 1.00 | 1.00 | 1.00 |" in md
-    assert "| pdserve-pd / rayllm-pd | ∞ (denominator 0) | 0.50 | 0.05 | 1.00 | 1.00 |" in md
+    assert "| pdserve-elastic | 0.400 | 95% | 0.100 | 0.200 | 0.100 | 2.0 |" in md
+    assert "| pdserve-elastic / pdserve-colocated | 2.00 | 0.20 | 1.00 | 1.00 | 1.00 |" in md
+    assert "| pdserve-elastic / pdserve-colocated-2x1 | 4.00 | 0.50 | 1.00 | 1.00 | 1.00 |" in md
+    assert "| pdserve-elastic / rayllm-pd | ∞ (denominator 0) | 0.50 | 0.05 | 1.00 | 1.00 |" in md
 
 
 def test_table_says_when_a_setup_did_not_run_the_reference_rate():
-    md = table({"pdserve-colocated": [_run(0.2, 1.0), _run(0.4, 0.5)], "pdserve-pd": [_run(0.3, 1.0)]})
+    md = table({"pdserve-colocated": [_run(0.2, 1.0), _run(0.4, 0.5)], "pdserve-elastic": [_run(0.3, 1.0)]})
     assert md.startswith("Latency and throughput columns at 0.200 req/s")
-    assert "| pdserve-pd | 0.300 | not run at 0.200 req/s |" in md
+    assert "| pdserve-elastic | 0.300 | not run at 0.200 req/s |" in md
+
+
+def test_decisions_show_local_and_disaggregated_counts_and_reasons_at_three_rates():
+    runs = [_run(r, 1.0) | {"routes": {"local_prefill": 3, "disaggregated": 1},
+                            "route_reasons": {"local_prefill/short_prompt": 3, "disaggregated/itl_protected": 1}}
+            for r in (0.1, 0.2, 0.4, 0.8)]
+    md = decisions(runs)
+    assert [line.split(" | ")[0] for line in md.splitlines()[2:]] == ["| 0.100", "| 0.400", "| 0.800"]
+    assert "| 0.100 | 3 | 1 | local_prefill/short_prompt: 3, disaggregated/itl_protected: 1 |" in md
 
 
 def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
@@ -42,9 +55,11 @@ def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
         if kind != "pdserve":
             continue
         [(_, settings)] = load_serve_config(_config(setup, tmp_path))
-        pools = [p for p in (settings.prefill, settings.decode, settings.colocated) if p]
+        pools = [p for p in (settings.prefill, settings.decode, settings.colocated, settings.elastic) if p]
         assert sum(p.num_cpus * p.num_replicas for p in pools) == 2  # equal cores for every setup
-    assert list(SETUPS)[0] == COLOCATED  # its goodput rate is the one later setups also run
+        assert all(p.engine_for(settings.engine).enforce_eager for p in pools)  # what users get by default
+    # the colocated setups run first: the best one's goodput rate is one every later setup also runs
+    assert tuple(SETUPS)[:len(COLOCATED_SETUPS)] == COLOCATED_SETUPS
 
 
 @pytest.mark.parametrize("peer", PEERS)

@@ -1,0 +1,211 @@
+"""Serving overhead: pdserve against the bare engine, one request at a time, hop by hop.
+
+Starts each server fresh, one after the other, on the same core with the same engine arguments (one eager engine,
+one thread, bound to core 0), and sends the same short prompts one at a time (streaming completions, greedy,
+``ignore_eos``):
+
+- ``vllm``: vLLM's own OpenAI server (``vllm serve``): the baseline.
+- ``pdserve``: pdserve's colocated app as deployed by default: HTTP → ingress replica → engine replica → engine.
+- ``pdserve-handle``: the same engine replica called through a Serve handle from this process (the engine replica
+  and the handle's stream, without the HTTP front and the ingress): where the time between the two goes.
+
+    python -m loadtests.overhead --num-requests 30 --out docs/benchmarks      (or: make bench-overhead)
+
+Prints and writes (``<out>/overhead.md``, ``overhead.json``) TTFT, TPOT and E2E p50 per setup and each one's ratio
+to the bare engine. The target: pdserve within 1.1x of vLLM's server on TTFT p50 and TPOT p50.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from .report import RequestSample
+from .stream import stream_request
+
+ROOT = Path(__file__).resolve().parent.parent
+BARE_PORT = 8100
+MODEL = "smollm2-135m-instruct"
+WORDS = ["river", "stone", "lamp", "orchard", "violet", "harbour", "copper", "meadow", "lantern", "falcon",
+         "granite", "willow", "ember", "thistle", "cobalt", "saffron"]
+
+
+def prompts(num: int, num_words: int) -> list[str]:
+    """Distinct prompts of about ``num_words`` tokens (no prefix shared between them: no prefix-cache hits)."""
+    return [f"{i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(num_words)) for i in range(num)]
+
+
+def _say(msg: str) -> None:
+    print(f"[overhead] {msg}", flush=True)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def _engine_args() -> tuple[list[str], dict[str, str]]:
+    """`vllm serve` arguments and env of the engine pdserve's colocated app runs, built by pdserve's own code."""
+    from deployments.engine.vllm_engine import EngineSpec
+    from deployments.models import resolve_model
+    from deployments.settings import load_serve_config
+
+    [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")
+    spec = EngineSpec(model=resolve_model(settings.model.source), served_model_name=MODEL, role="colocated",
+                      engine=settings.engine, kv_connector=settings.kv_connector, engine_id="bare")
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kv_cache_space_gib),
+           "HF_HUB_OFFLINE": "1", "VLLM_PLUGINS": ""}
+    return spec.cli_args(), env
+
+
+def measure(base_url: str, texts: list[str], max_tokens: int, headers: dict | None = None) -> list[RequestSample]:
+    session = requests.Session()
+    session.headers.update(headers or {})
+    out = []
+    for text in texts:
+        body = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
+        out.append(stream_request(session, f"{base_url}/v1/completions", body, sample, timeout_s=120))
+    return out
+
+
+def measure_handle(texts: list[str], max_tokens: int) -> list[RequestSample]:
+    """The engine replica through a Serve handle from this process: its replies' SSE chunks timed here."""
+    import ray
+    from ray import serve
+
+    from deployments.kv import PhaseRequest
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    handle = serve.get_deployment_handle("ColocatedServer", "pdserve").options(stream=True)
+    out = []
+    for text in texts:
+        body = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
+        start = last = time.perf_counter()
+        for item in handle.generate.remote(PhaseRequest("completions", body)):
+            if not isinstance(item, str) or not item.startswith("data: {"):
+                continue
+            if any(c.get("text") for c in json.loads(item[len("data: "):]).get("choices", [])):
+                now = time.perf_counter()
+                if sample.ttft_s is None:
+                    sample.ttft_s = now - start
+                else:
+                    sample.itl_s.append(now - last)
+                last = now
+                sample.num_output_tokens += 1
+        sample.e2e_s = time.perf_counter() - start
+        sample.ok = True
+        out.append(sample)
+    ray.shutdown()
+    return out
+
+
+def summary(samples: list[RequestSample]) -> dict[str, float]:
+    tpot = [(s.e2e_s - s.ttft_s) / (s.num_output_tokens - 1) for s in samples if s.num_output_tokens > 1]
+    return {"ttft_p50_ms": 1000 * statistics.median(s.ttft_s for s in samples),
+            "tpot_p50_ms": 1000 * statistics.median(tpot),
+            "e2e_p50_ms": 1000 * statistics.median(s.e2e_s for s in samples),
+            "num_requests": len(samples)}
+
+
+def _pdserve(*args: str, env: dict | None = None) -> None:
+    subprocess.run([str(Path(sys.executable).with_name("pdserve")), *args], check=True, timeout=1200,
+                   env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}))
+
+
+def run_bare(texts: list[str], warmup: list[str], max_tokens: int, out: Path) -> list[RequestSample]:
+    args, env = _engine_args()
+    # vLLM's OpenAI server, as `vllm serve` runs it (that CLI looks up the distribution "vllm"; this is vllm-cpu)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *args, "--port", str(BARE_PORT),
+           "--host", "127.0.0.1"]
+    log = (out / "vllm-serve.log").open("w")
+    proc = subprocess.Popen(cmd, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{BARE_PORT}/health", proc)
+        measure(f"http://127.0.0.1:{BARE_PORT}", warmup, max_tokens)
+        return measure(f"http://127.0.0.1:{BARE_PORT}", texts, max_tokens)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+
+
+def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path, env: dict | None = None
+                ) -> tuple[list[RequestSample], list[RequestSample]]:
+    """(through HTTP, through a Serve handle) on pdserve's colocated app: one replica, core 0."""
+    doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
+    config = out / "overhead-colocated.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    key = os.environ.get("PDSERVE_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    _pdserve("down")
+    _pdserve("up", "--config", str(config), env=env)
+    try:
+        measure("http://127.0.0.1:8000", warmup, max_tokens, headers)
+        http = measure("http://127.0.0.1:8000", texts, max_tokens, headers)
+        handle = measure_handle(texts, max_tokens)
+        return http, handle
+    finally:
+        _pdserve("down")
+
+
+def table(results: dict[str, dict[str, float]], base: str = "vllm") -> str:
+    ref = results[base]
+    rows = ["| setup | TTFT p50 (ms) | TPOT p50 (ms) | E2E p50 (ms) | TTFT ratio | TPOT ratio | E2E ratio |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['ttft_p50_ms']:.1f} | {r['tpot_p50_ms']:.1f} | {r['e2e_p50_ms']:.1f} | "
+                    f"{r['ttft_p50_ms'] / ref['ttft_p50_ms']:.2f} | {r['tpot_p50_ms'] / ref['tpot_p50_ms']:.2f} | "
+                    f"{r['e2e_p50_ms'] / ref['e2e_p50_ms']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m loadtests.overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-requests", type=int, default=30)
+    p.add_argument("--prompt-words", type=int, default=60, help="about 64 prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--out", default="bench-results")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = prompts(args.num_requests + 3, args.prompt_words)
+    warmup, texts = texts[:3], texts[3:]
+    results: dict[str, dict[str, float]] = {}
+    _say("vLLM's own server")
+    results["vllm"] = summary(run_bare(texts, warmup, args.max_tokens, out))
+    _say("pdserve colocated")
+    http, handle = run_pdserve(texts, warmup, args.max_tokens, out)
+    results["pdserve"], results["pdserve-handle"] = summary(http), summary(handle)
+    md = table(results)
+    (out / "overhead.json").write_text(json.dumps(results, indent=1))
+    (out / "overhead.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
