@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run run-multinode down status test test-slow test-unit lint clean prometheus bench bench-overhead fuzz soak chaos
+.PHONY: install run run-multinode down status test test-slow test-unit lint clean prometheus bench bench-overhead bench-compile fuzz soak chaos
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ bench: install
 
 bench-overhead: install
 	$(BIN)/python -m loadtests.overhead --out $(or $(BENCH_OUT),bench-results)
+
+# Compiled vs eager engines: startup cost, prefill speed (long-prompt TTFT) and decode speed (TPOT):
+# loadtests/compile_choice.py, results in docs/benchmarks.md (they chose engine.enforce_eager's default).
+bench-compile: install
+	$(BIN)/python -m loadtests.compile_choice --out $(or $(BENCH_OUT),bench-results)
 
 # Against a running server (`make run`; with PDSERVE_API_KEY set if the server has one). Not in `make test`:
 # fuzz: schemathesis over vLLM's request schemas, >= 1,000 requests, streaming and not (loadtests/fuzz.py);

@@ -34,7 +34,8 @@ class RouteReason(StrEnum):
     NOT_TRANSFERABLE = "not_transferable"  # several prompts, n > 1, beam search, echo or prompt logprobs
     COLOCATED_MODE = "colocated_mode"
     # elastic mode (deployments/routing/elastic.py): why a prompt stayed on its decode engine, or left it
-    NO_STREAMS_TO_STALL = "no_streams_to_stall"  # the decode engine runs no streams a local prefill could stall
+    NO_STREAMS_TO_STALL = "no_streams_to_stall"  # the decode engine has no decoding stream a local prefill could stall
+    NO_QUIETER_ENGINE = "no_quieter_engine"  # every other engine has as many decoding streams to stall
     STALL_WITHIN_SLO = "stall_within_slo"  # a local prefill stalls its streams less than the ITL target
     BALANCE_STREAMS = "balance_streams"  # the quietest engine serves it whole: decoding elsewhere piles streams up
     ITL_PROTECTED = "itl_protected"  # prefilled on a quieter engine: locally it would stall streams past the ITL target

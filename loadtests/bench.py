@@ -85,13 +85,18 @@ def _stop(setup: str) -> None:
 
 
 def sweep(base_url: str, out: Path, profile: str, duration_s: float, start_rps: float, num_bisect: int,
-          extra_rates: tuple[float, ...] = (), **options) -> list[dict]:
+          extra_rates: tuple[float, ...] = (), min_requests: int = 0, warmup_s: float = 0, **options) -> list[dict]:
     """Runs at increasing rates until attainment drops below the target, then bisects; then runs any of
-    ``extra_rates`` (e.g. another setup's goodput rate, to compare latencies at one rate) not yet run."""
+    ``extra_rates`` (e.g. another setup's goodput rate, to compare latencies at one rate) not yet run. A rate runs
+    ``duration_s``, or longer where that is needed for ``min_requests`` requests (low rates: one missed request
+    out of five is no measurement). ``warmup_s`` of load at the first rate goes first, unmeasured."""
     runs: list[dict] = []
+    if warmup_s > 0:  # a fresh engine's first requests pay one-time costs (kernels for new shapes): not measured
+        run_locust(base_url, profile, start_rps, warmup_s, out / "warmup", **options)
 
     def run(rate: float) -> float:
-        summary = run_locust(base_url, profile, rate, duration_s, out / f"rate-{rate:.3f}", **options)
+        seconds = max(duration_s, min_requests / rate)
+        summary = run_locust(base_url, profile, rate, seconds, out / f"rate-{rate:.3f}", **options)
         runs.append({"rate_rps": rate} | {k: summary[k] for k in (
             "slo_attainment", "goodput_rps", "requests_per_s", "output_tokens_per_s", "num_requests", "num_failed",
             "latency_s", "routes")} | {"route_reasons": summary.get("route_reasons", {})})
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=60, help="seconds per rate")
     p.add_argument("--start-rps", type=float, default=0.15, help="first rate of the sweep")
     p.add_argument("--num-bisect", type=int, default=2, help="bisection steps after the first miss")
+    p.add_argument("--min-requests", type=int, default=20, help="a rate runs long enough for this many requests")
+    p.add_argument("--warmup-s", type=float, default=15, help="unmeasured load before each sweep")
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
     p.add_argument("--slo-tpot-s", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -250,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict]]] = {profile: {} for profile in profiles}
+    from deployments.settings import EngineSettings
+
+    _say(f"engines as users get them by default: enforce_eager={EngineSettings().enforce_eager} "
+         "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
     for setup in setups:  # each setup started fresh once, then swept on every profile
         _say(f"starting {setup} fresh")
         _stop(setup)
@@ -262,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[profile][setup] = sweep(
                     "http://127.0.0.1:8000", out / profile / setup, profile, args.duration_s, args.start_rps,
                     args.num_bisect, extra_rates=(goodput(results[profile][best]),) if best else (),
+                    min_requests=args.min_requests, warmup_s=args.warmup_s,
                     slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s, max_tokens=args.max_tokens, seed=7,
                     drain_timeout_s=120, no_plots=True)
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results

@@ -24,6 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -62,15 +64,19 @@ def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-def _engine_args() -> tuple[list[str], dict[str, str]]:
-    """`vllm serve` arguments and env of the engine pdserve's colocated app runs, built by pdserve's own code."""
+def _engine_args(enforce_eager: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """`vllm serve` arguments and env of the engine pdserve's colocated app runs, built by pdserve's own code
+    (``enforce_eager``: instead of the config's)."""
     from deployments.engine.vllm_engine import EngineSpec
     from deployments.models import resolve_model
     from deployments.settings import load_serve_config
 
     [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")
+    engine = settings.engine
+    if enforce_eager is not None:
+        engine = engine.model_copy(update={"enforce_eager": enforce_eager})
     spec = EngineSpec(model=resolve_model(settings.model.source), served_model_name=MODEL, role="colocated",
-                      engine=settings.engine, kv_connector=settings.kv_connector, engine_id="bare")
+                      engine=engine, kv_connector=settings.kv_connector, engine_id="bare")
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kv_cache_space_gib),
            "HF_HUB_OFFLINE": "1", "VLLM_PLUGINS": ""}
     return spec.cli_args(), env
@@ -134,21 +140,29 @@ def _pdserve(*args: str, env: dict | None = None) -> None:
                    env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}))
 
 
-def run_bare(texts: list[str], warmup: list[str], max_tokens: int, out: Path) -> list[RequestSample]:
-    args, env = _engine_args()
-    # vLLM's OpenAI server, as `vllm serve` runs it (that CLI looks up the distribution "vllm"; this is vllm-cpu)
+@contextmanager
+def bare_server(out: Path, enforce_eager: bool | None = None) -> Iterator[tuple[str, float]]:
+    """vLLM's own OpenAI server on core 0 with pdserve's engine arguments: (its URL, seconds it took to be ready)."""
+    args, env = _engine_args(enforce_eager)
+    # As `vllm serve` runs it (that CLI looks up the distribution "vllm"; this one is vllm-cpu).
     cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *args, "--port", str(BARE_PORT),
            "--host", "127.0.0.1"]
     log = (out / "vllm-serve.log").open("w")
+    t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_ready(f"http://127.0.0.1:{BARE_PORT}/health", proc)
-        measure(f"http://127.0.0.1:{BARE_PORT}", warmup, max_tokens)
-        return measure(f"http://127.0.0.1:{BARE_PORT}", texts, max_tokens)
+        yield f"http://127.0.0.1:{BARE_PORT}", time.monotonic() - t0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
+
+
+def run_bare(texts: list[str], warmup: list[str], max_tokens: int, out: Path) -> list[RequestSample]:
+    with bare_server(out) as (url, _):
+        measure(url, warmup, max_tokens)
+        return measure(url, texts, max_tokens)
 
 
 def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path, env: dict | None = None

@@ -77,7 +77,7 @@ def _routed(api: httpx.Client, endpoint: str, text: str, stream: bool) -> tuple[
     return out, headers
 
 
-@pytest.mark.parametrize("endpoint,stream", [("completions", False), ("chat", True)])
+@pytest.mark.parametrize("endpoint,stream", [("chat", True)])
 def test_elastic_routes_equal_colocated(api, endpoint, stream):
     """Idle pool: a long prompt is served whole by one engine. With a stream running on one engine, the next long
     prompt is prefilled on the other (quiet) engine and decoded on the streaming one, which pulls its KV over

@@ -12,11 +12,12 @@ from deployments.settings import SettingsError, parse_settings
 from tests.fakes import DIE, KV_TIMEOUT, FakePool, fake_elastic_ingress
 from tests.test_request_path import FAST, LONG, SHORT, serve
 
-LIMITS = ElasticLimits(itl_target_s=0.1, min_remote_prefill_tokens=128, max_stream_imbalance=4)
+LIMITS = ElasticLimits(itl_target_s=0.1, ttft_target_s=5.0, min_remote_prefill_tokens=128, max_stream_imbalance=4)
 SPEED = 1000.0  # prompt tokens per second
 
 
 def load(running=0, waiting=0, tokens=0, kv=0.0) -> ReplicaLoad:
+    """``running``: decoding streams (past their first token); ``waiting``: streams before it."""
     return ReplicaLoad(num_running=running, num_waiting=waiting, num_outstanding_prompt_tokens=tokens,
                        kv_cache_usage=kv)
 
@@ -42,9 +43,16 @@ def test_long_prompt_is_prefilled_on_the_quietest_engine_and_decoded_on_another(
     assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "c")
 
 
-def test_prefill_engine_ties_on_streams_go_to_the_one_that_finishes_sooner():
-    loads = {"a": load(running=2, tokens=3000), "b": load(running=2), "c": load(running=2, tokens=500)}
-    assert choose_pair(1000, loads, SPEED, LIMITS).prefill == "b"
+def test_prefill_engine_ties_on_decoding_streams_go_to_the_one_that_finishes_sooner():
+    """a and b each decode one stream; a is also prefilling 3000 tokens for two waiting streams: b prefills."""
+    loads = {"a": load(running=1, waiting=2, tokens=3000), "b": load(running=1), "c": load(running=2)}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "c")
+
+
+def test_streams_still_waiting_for_their_first_token_are_not_stalled_by_a_prefill():
+    """a's three streams are all still being prefilled: nothing there decodes, so a prefill there stalls no one."""
+    d = choose_pair(1000, {"a": load(waiting=3, tokens=2000), "b": load(running=2)}, SPEED, LIMITS)
+    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
 
 
 def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
@@ -52,11 +60,18 @@ def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
     assert pair(d)[:3] == (Route.LOCAL_PREFILL, RouteReason.STALL_WITHIN_SLO, None)
 
 
-def test_no_engine_taking_the_prefill_sooner_keeps_it_local():
-    """The quietest engine is buried in prompt tokens: the decode engine prefills the prompt itself, sooner."""
-    loads = {"a": load(running=1, tokens=5000), "b": load(running=2)}
-    d = choose_pair(1000, loads, SPEED, LIMITS)
+def test_moving_the_prefill_to_an_engine_with_as_many_decoding_streams_saves_no_stall():
+    d = choose_pair(1000, {"a": load(running=2), "b": load(running=2)}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_QUIETER_ENGINE, None, "b")
+
+
+def test_a_quieter_engine_too_busy_to_prefill_in_time_keeps_the_prefill_local():
+    """a is prefilling 5000 tokens: this prompt would be done there in 6 s, past the 5 s TTFT target and later than
+    on b (1 s). At 2000 tokens queued (3 s) it is later than b but within the TTFT target: a takes it."""
+    d = choose_pair(1000, {"a": load(running=1, tokens=5000), "b": load(running=2)}, SPEED, LIMITS)
     assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_OVERLOADED, None, "b")
+    d = choose_pair(1000, {"a": load(running=1, tokens=2000), "b": load(running=2)}, SPEED, LIMITS)
+    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
 
 
 def test_streams_do_not_pile_onto_one_engine_past_the_imbalance_bound():
@@ -68,8 +83,9 @@ def test_streams_do_not_pile_onto_one_engine_past_the_imbalance_bound():
 
 
 def test_engine_without_kv_room_never_prefills_for_another():
-    loads = {"a": load(running=1, kv=0.95), "b": load(running=2), "c": load(running=3)}
-    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
+    """a decodes nothing but its KV cache is full: it cannot hold a hand-off, so b, the next quietest, prefills."""
+    loads = {"a": load(waiting=3, kv=0.95), "b": load(running=1), "c": load(running=2)}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "c")
     full = {"a": load(running=1, kv=0.95), "b": load(running=2, kv=0.97)}
     assert pair(choose_pair(1000, full, SPEED, LIMITS)) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE,
                                                             None, "a")
@@ -108,7 +124,9 @@ def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reporte
     assert (loads["b"].num_running, loads["b"].num_outstanding_prompt_tokens) == (0, 0)
     # the fresh bookings make b the quiet engine: it prefills the next long prompt for a
     assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
-    ledger.add("a", streams=-2, prompt_tokens=-1500)
+    ledger.add("a", streams=1, waiting=1)  # a third stream, before its first token
+    assert (ledger.loads({"a": load()})["a"].num_running, ledger.loads({"a": load()})["a"].num_waiting) == (2, 1)
+    ledger.add("a", streams=-3, waiting=-1, prompt_tokens=-1500)
     ledger.add(None, streams=1)  # the router chose: nothing to book
     assert ledger.streams == {} and ledger.prompt_tokens == {}
     assert set(ledger.loads({"b": load()})) == {"b"}  # only live engines
@@ -142,7 +160,7 @@ def elastic(streams: dict[str, int]):
 
 def settled(ingress, streams: dict[str, int]) -> bool:
     """The ledger is back to what it held before the test's requests: nothing booked was left behind."""
-    return ingress.ledger.streams == streams and ingress.ledger.prompt_tokens == {}
+    return ingress.ledger.streams == streams and ingress.ledger.waiting == {} and ingress.ledger.prompt_tokens == {}
 
 
 def prefills(pool: FakePool) -> list[str]:

@@ -184,7 +184,7 @@ class Ingress:
         but the decode one: prefilling there is the local fallback."""
         view = self.decode.pool.view() or {}
         r = self.settings.routing
-        limits = ElasticLimits(itl_target_s=self.settings.slo.itl_s,
+        limits = ElasticLimits(itl_target_s=self.settings.slo.itl_s, ttft_target_s=self.settings.slo.ttft_s,
                                min_remote_prefill_tokens=r.min_remote_prefill_tokens,
                                max_stream_imbalance=r.elastic_max_stream_imbalance)
         decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s, limits,

@@ -193,18 +193,18 @@ class DecodePhase:
                                f"attempt(s)", "ServiceUnavailable")
 
     async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
-        """Booked in the ledger (elastic mode): a stream on its replica until ``relay`` ends, and the prompt's tokens
-        while the replica prefills them itself (until its first reply)."""
+        """Booked in the ledger (elastic mode): a stream on its replica until ``relay`` ends, waiting until its first
+        reply, and the prompt's tokens while the replica prefills them itself."""
         if self.ledger is None:
             return await self._try(req, route, trace)
         local_tokens = 0 if req.kv_transfer_params else route.num_prompt_tokens
-        self.ledger.add(route.target, streams=1, prompt_tokens=local_tokens)
+        self.ledger.add(route.target, streams=1, waiting=1, prompt_tokens=local_tokens)
         result = None
         try:
             result = await self._try(req, route, trace)
             return result
         finally:
-            self.ledger.add(route.target, prompt_tokens=-local_tokens)
+            self.ledger.add(route.target, waiting=-1, prompt_tokens=-local_tokens)
             if result is None or result.verdict is not Verdict.DONE:
                 self.ledger.add(route.target, streams=-1)
 

@@ -5,19 +5,18 @@ decode engine that will stream the answer and, where it is worth a KV transfer, 
 prompt on. ``Ledger`` is the ingress's own count of what it sent where, so that requests arriving between two
 load reports (Serve ships them once a second) do not all pile onto the same engine.
 
-The rule, for one request (streams: an engine's running + waiting sequences; done: when it would finish this
-prompt's prefill behind the prompt tokens it already holds, at the measured prefill speed):
+The rule, for one request. An engine's *decoding* streams are those past their first token: a prefill there stalls
+them (their inter-token latency). Its *streams* add those still waiting for their first token (a prefill there
+only delays them, like any queue). *done*: when the engine would finish this prompt's prefill behind the prompt
+tokens it already holds, at the measured prefill speed.
 1. A short prompt is served whole by the engine with the fewest streams (then the most free KV cache).
-2. For a long one, the prefill engine P is the one whose streams suffer least: the fewest streams, then the
+2. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
    earliest done. The decode engine D is the best of the others by streams and KV cache.
-3. D serves the request whole (no transfer) when it has no streams a prefill could stall, when the stall (its
-   done) stays within the ITL target, or when P would not finish the prefill sooner.
+3. D serves the request whole (no transfer) when it has no decoding stream to stall, when the stall (its done)
+   stays within the ITL target, when P has as many decoding streams (moving the prefill saves no stall), or when P
+   would finish neither sooner than D nor within the TTFT target.
 4. Otherwise P prefills and D pulls the KV, unless D would then run more than ``max_stream_imbalance`` streams
    above P: then P serves the request whole, so that decode load does not pile onto one engine.
-
-Under prefill-heavy load the pool drifts into a quiet engine that takes long prompts and engines that decode
-(disaggregation protects the decoders' ITL); under decode-heavy load the imbalance bound spreads the streams
-over every engine (colocated capacity). No fixed ratio: the split follows the load, request by request.
 """
 
 from __future__ import annotations
@@ -41,14 +40,15 @@ class PairDecision:
 class ElasticLimits:
     """What the choice weighs a prompt against (routing and SLO settings)."""
 
-    itl_target_s: float  # the longest stall of running streams that keeps them within the ITL target
+    itl_target_s: float  # the longest stall of decoding streams that keeps them within the ITL target
     min_remote_prefill_tokens: int  # shorter prompts always prefill locally
+    ttft_target_s: float = float("inf")  # a remote prefill done within it is in time, even if not sooner
     max_stream_imbalance: int = 4  # most streams a decode engine may run above its prefill engine
     max_kv_cache_usage: float = 0.9  # a prefill engine must have room to hold the KV until it is pulled
 
 
 def _streams(load: ReplicaLoad) -> int:
-    """Streams a prefill on this engine would stall: the running ones, and the waiting ones it delays."""
+    """Every stream the engine holds: decoding (running) and waiting for its first token."""
     return load.num_running + load.num_waiting
 
 
@@ -74,16 +74,18 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     with_room = [r for r in eligible if loads[r].kv_cache_usage < limits.max_kv_cache_usage]
     if not with_room:  # no engine can hold a hand-off: the best decode engine does it all
         return whole(min(eligible, key=decode_rank), RouteReason.PREFILL_UNAVAILABLE)
-    prefill = min(with_room, key=lambda r: (_streams(loads[r]), done_s(r), r))
+    prefill = min(with_room, key=lambda r: (loads[r].num_running, done_s(r), r))
     others = [r for r in eligible if r != prefill]
     if not others:
         return whole(prefill, RouteReason.PREFILL_UNAVAILABLE)
     decode = min(others, key=decode_rank)
-    if _streams(loads[decode]) == 0:
+    if loads[decode].num_running == 0:
         return whole(decode, RouteReason.NO_STREAMS_TO_STALL)
     if done_s(decode) <= limits.itl_target_s:
         return whole(decode, RouteReason.STALL_WITHIN_SLO)
-    if done_s(prefill) > done_s(decode):
+    if loads[prefill].num_running >= loads[decode].num_running:
+        return whole(decode, RouteReason.NO_QUIETER_ENGINE)
+    if done_s(prefill) > max(done_s(decode), limits.ttft_target_s):
         return whole(decode, RouteReason.PREFILL_OVERLOADED)
     if _streams(loads[decode]) + 1 - _streams(loads[prefill]) > limits.max_stream_imbalance:
         return whole(prefill, RouteReason.BALANCE_STREAMS)
@@ -91,27 +93,32 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
 
 
 class Ledger:
-    """What this ingress has in flight on each engine: open streams and prompt tokens not yet prefilled.
+    """What this ingress replica has in flight on each engine: its streams, how many of them still wait for their
+    first token, and the prompt tokens the engine has yet to prefill.
 
-    The one ingress replica sends every request, so its ledger is exact and current, where the engines' own load
-    reports lag by up to a second or two (a request that just finished still shows): streams and prompt tokens
-    come from the ledger, KV cache usage from the reports."""
+    Exact and current, where the engines' own load reports lag by up to a second or two (a request that just
+    finished still shows): streams and prompt tokens come from the ledger, KV cache usage from the reports. With
+    several ingress replicas, each balances the requests it sends."""
 
     def __init__(self) -> None:
         self.streams: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
         self.prompt_tokens: dict[str, int] = {}
 
-    def add(self, replica: str | None, streams: int = 0, prompt_tokens: int = 0) -> None:
+    def add(self, replica: str | None, streams: int = 0, waiting: int = 0, prompt_tokens: int = 0) -> None:
         if replica is None:
             return
-        for book, delta in ((self.streams, streams), (self.prompt_tokens, prompt_tokens)):
+        for book, delta in ((self.streams, streams), (self.waiting, waiting), (self.prompt_tokens, prompt_tokens)):
             if delta:
                 book[replica] = book.get(replica, 0) + delta
                 if book[replica] <= 0:
                     del book[replica]
 
     def loads(self, reported: Mapping[str, ReplicaLoad]) -> dict[str, ReplicaLoad]:
-        """The live engines (those reported), with this ledger's streams and prompt tokens."""
-        return {rid: replace(load, num_running=self.streams.get(rid, 0), num_waiting=0,
-                             num_outstanding_prompt_tokens=self.prompt_tokens.get(rid, 0))
-                for rid, load in reported.items()}
+        """The live engines (those reported): decoding streams as running, the others as waiting."""
+        out = {}
+        for rid, load in reported.items():
+            waiting = self.waiting.get(rid, 0)
+            out[rid] = replace(load, num_running=max(0, self.streams.get(rid, 0) - waiting), num_waiting=waiting,
+                               num_outstanding_prompt_tokens=self.prompt_tokens.get(rid, 0))
+        return out
