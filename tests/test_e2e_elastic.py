@@ -8,8 +8,10 @@ took; the policy's routes follow from the ingress's own bookings, so they are de
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -52,9 +54,6 @@ def api(tmp_path_factory):
         with httpx.Client(base_url=BASE, timeout=300, headers=AUTH) as client:
             yield client
     finally:
-        import ray
-
-        ray.shutdown()  # the shared cluster's fixture connects afresh
         subprocess.run([PDSERVE, "down"], env=env, timeout=300)
 
 
@@ -115,13 +114,13 @@ def test_elastic_short_prompt_is_served_whole(api):
 
 
 def _engine_pids() -> dict[str, int]:
-    import ray
-
-    from loadtests.engines import replica_stats, serve_replicas
-
-    if not ray.is_initialized():
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    return {r.replica: replica_stats(*r).pid for r in serve_replicas("pdserve", "ElasticServer")}
+    """Replica id -> pid of the elastic engines, asked by a process of its own: this one must not keep a Ray or
+    Serve connection to a cluster that is gone when the shared cluster's tests run."""
+    code = ("import json; from loadtests.engines import replica_stats, serve_replicas; "
+            "print(json.dumps({r.replica: replica_stats(*r).pid for r in serve_replicas('pdserve', 'ElasticServer')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_killed_elastic_engine_loses_no_request(api):
