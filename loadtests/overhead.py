@@ -41,9 +41,10 @@ WORDS = ["river", "stone", "lamp", "orchard", "violet", "harbour", "copper", "me
          "granite", "willow", "ember", "thistle", "cobalt", "saffron"]
 
 
-def prompts(num: int, num_words: int) -> list[str]:
+def prompts(num: int, num_words: int, first: int = 0) -> list[str]:
     """Distinct prompts of about ``num_words`` tokens (no prefix shared between them: no prefix-cache hits)."""
-    return [f"{i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(num_words)) for i in range(num)]
+    return [f"{i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(num_words))
+            for i in range(first, first + num)]
 
 
 def _say(msg: str) -> None:
@@ -94,8 +95,9 @@ def measure(base_url: str, texts: list[str], max_tokens: int, headers: dict | No
     return out
 
 
-def measure_handle(texts: list[str], max_tokens: int) -> list[RequestSample]:
-    """The engine replica through a Serve handle from this process: its replies' SSE chunks timed here."""
+def measure_handle(texts: list[str], warmup: list[str], max_tokens: int) -> list[RequestSample]:
+    """The engine replica through a Serve handle from this process: its replies' SSE chunks timed here (after the
+    unmeasured ``warmup`` prompts: this process's handle and router start with the first one)."""
     import ray
     from ray import serve
 
@@ -104,7 +106,7 @@ def measure_handle(texts: list[str], max_tokens: int) -> list[RequestSample]:
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     handle = serve.get_deployment_handle("ColocatedServer", "pdserve").options(stream=True)
     out = []
-    for text in texts:
+    for text in warmup + texts:
         body = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
@@ -124,7 +126,7 @@ def measure_handle(texts: list[str], max_tokens: int) -> list[RequestSample]:
         sample.ok = True
         out.append(sample)
     ray.shutdown()
-    return out
+    return out[len(warmup):]
 
 
 def summary(samples: list[RequestSample]) -> dict[str, float]:
@@ -178,7 +180,8 @@ def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path,
     try:
         measure("http://127.0.0.1:8000", warmup, max_tokens, headers)
         http = measure("http://127.0.0.1:8000", texts, max_tokens, headers)
-        handle = measure_handle(texts, max_tokens)
+        fresh = prompts(len(texts) + len(warmup), len(texts[0].split()) - 1, first=len(texts) + len(warmup))
+        handle = measure_handle(fresh[len(warmup):], fresh[:len(warmup)], max_tokens)  # prompts it has not seen
         return http, handle
     finally:
         _pdserve("down")

@@ -78,9 +78,9 @@ def _routed(api: httpx.Client, endpoint: str, text: str, stream: bool) -> tuple[
 
 @pytest.mark.parametrize("endpoint,stream", [("chat", True)])
 def test_elastic_routes_equal_colocated(api, endpoint, stream):
-    """Idle pool: a long prompt is served whole by one engine. With a stream running on one engine, the next long
-    prompt is prefilled on the other (quiet) engine and decoded on the streaming one, which pulls its KV over
-    NIXL. Both answers equal the colocated engine's."""
+    """Idle pool: a long prompt is served whole by one engine. With three streams decoding, two on one engine and one
+    on the other, the next long prompt is prefilled on the quieter engine and decoded on the other, which pulls its
+    KV over NIXL. Both answers equal the colocated engine's."""
     texts = [tagged(f"elastic-{endpoint}-{i}-{uuid.uuid4().hex[:6]}", long_prompt(40)) for i in range(2)]
     colo = [_call(api, f"{BASE}/colocated/v1", endpoint, _body(endpoint, t, stream, MODEL)) for t in texts]
 
@@ -88,20 +88,27 @@ def test_elastic_routes_equal_colocated(api, endpoint, stream):
     assert (h["x-pdserve-route"], h["x-pdserve-route-reason"]) == ("local_prefill", "no_streams_to_stall"), h
     assert whole == colo[0]
 
-    started, done = threading.Event(), []
-    background = threading.Thread(target=_long_stream, args=(api, started, done))
-    background.start()
+    background = []
+    for _ in range(3):  # one at a time: each goes to the engine with the fewest streams, then decodes
+        started, done = threading.Event(), []
+        thread = threading.Thread(target=_long_stream, args=(api, started, done))
+        thread.start()
+        background.append((thread, done))
+        assert started.wait(120), "a background stream never started"
     try:
-        assert started.wait(120), "the background stream never started"
         (out, headers) = _routed(api, endpoint, texts[1], stream)
     finally:
-        background.join(300)
+        for thread, _ in background:
+            thread.join(300)
+    engines = [done[0] for _, done in background]
+    busier = max(set(engines), key=engines.count)
+    assert sorted(engines.count(e) for e in set(engines)) == [1, 2], engines
     assert headers["x-pdserve-route"] == "disaggregated", headers
     assert headers["x-pdserve-route-reason"] == "itl_protected"
-    assert headers["x-pdserve-prefill-replica"] != headers["x-pdserve-decode-replica"]
-    assert headers["x-pdserve-decode-replica"] == done[0], "the stream's engine decodes, the quiet one prefills"
+    assert headers["x-pdserve-decode-replica"] == busier, "the quieter engine prefills, the other decodes"
+    assert headers["x-pdserve-prefill-replica"] != busier
     assert "x-pdserve-fallback" not in headers, headers
-    assert done[-1] == 200
+    assert all(done[-1] == 200 for _, done in background)
     assert out == colo[1]
     assert out[2]["prompt_tokens"] > 400 and out[2]["completion_tokens"] > 0
 

@@ -36,6 +36,12 @@ def test_long_prompt_with_every_engine_idle_is_served_whole():
     assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "b")
 
 
+def test_long_prompt_with_no_decoding_stream_anywhere_goes_to_the_engine_that_prefills_it_sooner():
+    """b is busy prefilling another long prompt, a is idle: no stream is stalled either way, a is sooner."""
+    d = choose_pair(1500, {"a": load(), "b": load(waiting=1, tokens=1300)}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")
+
+
 def test_long_prompt_is_prefilled_on_the_quietest_engine_and_decoded_on_another():
     """Prefilling where the streams run would stall them 1.5 s, past the 0.1 s ITL target: the engine with the
     fewest streams prefills, the next best decodes."""
@@ -49,10 +55,11 @@ def test_prefill_engine_ties_on_decoding_streams_go_to_the_one_that_finishes_soo
     assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "c")
 
 
-def test_streams_still_waiting_for_their_first_token_are_not_stalled_by_a_prefill():
-    """a's three streams are all still being prefilled: nothing there decodes, so a prefill there stalls no one."""
+def test_an_engine_whose_streams_all_wait_for_their_first_token_takes_a_long_prompt_whole():
+    """a's three streams are all still being prefilled: nothing there decodes, so a prefill there stalls no one and
+    needs no transfer; b decodes two streams."""
     d = choose_pair(1000, {"a": load(waiting=3, tokens=2000), "b": load(running=2)}, SPEED, LIMITS)
-    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")
 
 
 def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
@@ -99,18 +106,18 @@ def test_excluded_engines_are_never_chosen_and_no_engine_means_the_router_picks(
         Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE, None, None)
 
 
-def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_and_back():
-    """Replaying the rule on its own bookings: a run of long prompts makes one engine prefill and the other decode
-    until the imbalance bound; then the quiet engine takes streams too."""
+def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_within_the_imbalance_bound():
+    """Replaying the rule on its own bookings: a run of long prompts."""
     ledger, reported = Ledger(), {"a": load(), "b": load()}
     routes = []
     for _ in range(8):
         d = choose_pair(1500, ledger.loads(reported), SPEED, LIMITS)
         ledger.add(d.decode, streams=1)
         routes.append((d.prefill, d.decode))
-    # b takes the first whole (both idle), then decodes what a prefills until it runs 4 streams more than a;
-    # from there a serves every other request whole (b would exceed the bound), b decodes the rest
-    assert routes == [(None, "b"), ("a", "b"), ("a", "b"), ("a", "b"), (None, "a"), ("a", "b"), (None, "a"),
+    # while an engine decodes nothing it takes long prompts whole (no stall, no transfer); with both decoding one
+    # stream nothing is gained by moving (b whole); then b decodes what a prefills until it runs 4 streams more
+    # than a, and from there a serves every other request whole (b would exceed the bound)
+    assert routes == [(None, "b"), (None, "a"), (None, "b"), ("a", "b"), ("a", "b"), ("a", "b"), (None, "a"),
                       ("a", "b")]
     assert ledger.streams == {"a": 2, "b": 6}
 
@@ -122,8 +129,8 @@ def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reporte
     assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens, loads["a"].kv_cache_usage) == (2, 1500,
                                                                                                            0.3)
     assert (loads["b"].num_running, loads["b"].num_outstanding_prompt_tokens) == (0, 0)
-    # the fresh bookings make b the quiet engine: it prefills the next long prompt for a
-    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
+    # the fresh bookings make b the quiet engine: it takes the next long prompt whole
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == (None, "b")
     ledger.add("a", streams=1, waiting=1)  # a third stream, before its first token
     assert (ledger.loads({"a": load()})["a"].num_running, ledger.loads({"a": load()})["a"].num_waiting) == (2, 1)
     ledger.add("a", streams=-3, waiting=-1, prompt_tokens=-1500)

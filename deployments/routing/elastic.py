@@ -12,9 +12,10 @@ tokens it already holds, at the measured prefill speed.
 1. A short prompt is served whole by the engine with the fewest streams (then the most free KV cache).
 2. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
    earliest done. The decode engine D is the best of the others by streams and KV cache.
-3. D serves the request whole (no transfer) when it has no decoding stream to stall, when the stall (its done)
-   stays within the ITL target, when P has as many decoding streams (moving the prefill saves no stall), or when P
-   would finish neither sooner than D nor within the TTFT target.
+3. P serves the request whole (no transfer) when it has no decoding stream to stall (or D, if D has none either
+   and is as soon). D serves it whole when the stall (its done) stays within the ITL target, when P has as many
+   decoding streams (moving the prefill saves no stall), or when P would finish neither sooner than D nor within
+   the TTFT target.
 4. Otherwise P prefills and D pulls the KV, unless D would then run more than ``max_stream_imbalance`` streams
    above P: then P serves the request whole, so that decode load does not pile onto one engine.
 """
@@ -79,8 +80,9 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     if not others:
         return whole(prefill, RouteReason.PREFILL_UNAVAILABLE)
     decode = min(others, key=decode_rank)
-    if loads[decode].num_running == 0:
-        return whole(decode, RouteReason.NO_STREAMS_TO_STALL)
+    if loads[prefill].num_running == 0:  # P stalls no one: it serves the request whole, or D, idle too and sooner
+        idle_decode = loads[decode].num_running == 0 and done_s(decode) <= done_s(prefill)
+        return whole(decode if idle_decode else prefill, RouteReason.NO_STREAMS_TO_STALL)
     if done_s(decode) <= limits.itl_target_s:
         return whole(decode, RouteReason.STALL_WITHIN_SLO)
     if loads[prefill].num_running >= loads[decode].num_running:
