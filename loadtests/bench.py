@@ -245,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-bisect", type=int, default=2, help="bisection steps after the first miss")
     p.add_argument("--min-requests", type=int, default=20, help="a rate runs long enough for this many requests")
     p.add_argument("--warmup-s", type=float, default=15, help="unmeasured load before each sweep")
+    p.add_argument("--extra-rates", default="", help="comma-separated rates every setup also runs (e.g. another run's "
+                   "best colocated goodput rate, when only some setups run)")
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
     p.add_argument("--slo-tpot-s", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--out", default="bench-results", help="results folder")
     args = p.parse_args(argv)
     setups, profiles = args.setups.split(","), args.profiles.split(",")
+    extra = tuple(float(r) for r in args.extra_rates.split(",") if r)
     unknown = set(setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setup(s): {', '.join(sorted(unknown))}")
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 best = best_colocated(results[profile])
                 results[profile][setup] = sweep(
                     "http://127.0.0.1:8000", out / profile / setup, profile, args.duration_s, args.start_rps,
-                    args.num_bisect, extra_rates=(goodput(results[profile][best]),) if best else (),
+                    args.num_bisect, extra_rates=((goodput(results[profile][best]),) if best else ()) + extra,
                     min_requests=args.min_requests, warmup_s=args.warmup_s,
                     slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s, max_tokens=args.max_tokens, seed=7,
                     drain_timeout_s=120, no_plots=True)

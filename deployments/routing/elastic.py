@@ -9,9 +9,10 @@ The rule, for one request. An engine's *decoding* streams are those past their f
 them (their inter-token latency). Its *streams* add those still waiting for their first token (a prefill there
 only delays them, like any queue). *done*: when the engine would finish this prompt's prefill behind the prompt
 tokens it already holds, at the measured prefill speed.
-1. A short prompt is served whole by the engine with the fewest streams (then the most free KV cache).
+1. A short prompt is served whole by the least loaded engine (``ReplicaLoad.score``: streams waiting for their
+   first token and prompt tokens queued weigh most, then decoding streams and KV cache usage).
 2. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
-   earliest done. The decode engine D is the best of the others by streams and KV cache.
+   earliest done. The decode engine D is the least loaded of the others.
 3. P serves the request whole (no transfer) when it has no decoding stream to stall (or D, if D has none either
    and is as soon). D serves it whole when the stall (its done) stays within the ITL target, when P has as many
    decoding streams (moving the prefill saves no stall), or when P would finish neither sooner than D nor within
@@ -64,8 +65,8 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     def done_s(r: str) -> float:
         return (loads[r].num_outstanding_prompt_tokens + num_prompt_tokens) / tokens_per_s
 
-    def decode_rank(r: str) -> tuple:
-        return _streams(loads[r]), loads[r].kv_cache_usage, loads[r].num_outstanding_prompt_tokens, r
+    def decode_rank(r: str) -> tuple:  # as least-loaded routing ranks: queued prefill work counts, streams too
+        return loads[r].score(), r
 
     def whole(engine: str, reason: RouteReason) -> PairDecision:
         return PairDecision(Route.LOCAL_PREFILL, reason, engine)
