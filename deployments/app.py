@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 from .api import Ingress
 from .routing.autoscaling import PoolAutoscalingPolicy
 from .servers import DecodeServer, ElasticServer, PrefillServer
+from .servers.base import pool_of
 from .settings import PDServeSettings, PoolSettings, parse_settings
 
 
@@ -30,8 +31,7 @@ def _autoscaling_config(pool: PoolSettings, settings: PDServeSettings, role: str
 
 
 def _pool_options(settings: PDServeSettings, role: str) -> dict:
-    pool = {"prefill": settings.prefill, "decode": settings.decode, "colocated": settings.colocated,
-            "elastic": settings.elastic}[role]
+    pool = pool_of(settings, role)
     policy = settings.routing.prefill_policy if role == "prefill" else settings.routing.decode_policy
     size = ({"autoscaling_config": _autoscaling_config(pool, settings, role)} if pool.autoscaling
             else {"num_replicas": pool.num_replicas})

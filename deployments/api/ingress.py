@@ -113,6 +113,9 @@ class Ingress:
         breaker = lambda: CircuitBreaker(r.breaker_failure_threshold, r.breaker_cooldown_s)  # noqa: E731
         self.elastic = settings.mode == "elastic"
         self.ledger = Ledger() if self.elastic else None
+        self.elastic_limits = ElasticLimits(itl_target_s=settings.slo.itl_s, ttft_target_s=settings.slo.ttft_s,
+                                            min_remote_prefill_tokens=r.min_remote_prefill_tokens,
+                                            max_stream_imbalance=r.elastic_max_stream_imbalance)
         names = {"disaggregated": ("PrefillServer", "DecodeServer"), "colocated": (None, "ColocatedServer"),
                  "elastic": ("ElasticServer", "ElasticServer")}[settings.mode]
         decode_breaker = breaker()
@@ -183,12 +186,8 @@ class Ingress:
         """The (prefill, decode) pair from one pool (routing/elastic.py). The prefill phase may retry on any engine
         but the decode one: prefilling there is the local fallback."""
         view = self.decode.pool.view() or {}
-        r = self.settings.routing
-        limits = ElasticLimits(itl_target_s=self.settings.slo.itl_s, ttft_target_s=self.settings.slo.ttft_s,
-                               min_remote_prefill_tokens=r.min_remote_prefill_tokens,
-                               max_stream_imbalance=r.elastic_max_stream_imbalance)
-        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s, limits,
-                               exclude=self.decode.pool.breaker.excluded())
+        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s,
+                               self.elastic_limits, exclude=self.decode.pool.breaker.excluded())
         trace.route, trace.reason = decision.route, decision.reason
         decode_route = replace(route, target=decision.decode)
         if decision.prefill is None:
