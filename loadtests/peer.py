@@ -1,15 +1,16 @@
 """The benchmark's peer: Ray Serve LLM's own P/D builder, ``ray.serve.llm.build_pd_openai_app``, on this machine.
 
     python -m loadtests.peer up --variant shipped     # NIXL as vLLM ships it (busy-polling progress thread)
-    python -m loadtests.peer up --variant nixl-fix    # the same, with pdserve's NIXL idle-spin fix loaded
+    python -m loadtests.peer up --variant nixl-fix    # the same, with pdserve's vLLM plugins loaded
     python -m loadtests.peer down
 
 Same model, dtype, engine limits and cores as pdserve's default config (one prefill engine on core 0, one
 decode engine on core 1, NixlConnector with ``kv_buffer_device=cpu``), served on :8000 like pdserve, so the
 same load test runs against it. Needs ``pyarrow`` (Ray Serve LLM imports it), part of ``pip install -e ".[test]"``.
 
-The NIXL fix is pdserve's vLLM general plugin (``deployments/engine/nixl_plugin.py``); being an installed
-entry point, vLLM loads it in every engine process of the venv, the peer's too. ``shipped`` sets
+The fix is pdserve's vLLM general plugins (``deployments/engine/nixl_plugin.py``: NIXL's idle spin;
+``cpu_plugin.py``: engines kept on their cores, no EngineCore spin); being installed entry points, vLLM loads them
+in every engine process of the venv, the peer's too. ``shipped`` sets
 ``VLLM_PLUGINS=""`` (an allowlist naming no plugin) so the peer runs exactly as a user gets it.
 """
 

@@ -46,6 +46,68 @@ def test_nixl_delay_set_in_engine_worker_processes(cluster):
         assert children & logged, f"{deployment}: no engine process of pid {replica_pid} logged the NIXL delay"
 
 
+def _engine_workers(replica_pid: int) -> list[psutil.Process]:
+    """The vLLM worker processes (the model runs in their main thread) under one engine replica."""
+    out = []
+    for proc in _tree(replica_pid)[1:]:
+        try:
+            if "VLLM_CPU_OMP_THREADS_BIND" in proc.environ() and proc.name().startswith("VLLM::Worker"):
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def _allowed_cores(tid: int) -> set[int]:
+    with open(f"/proc/{tid}/status") as f:
+        [spec] = [line.split()[1] for line in f if line.startswith("Cpus_allowed_list")]
+    return _allowed_cores_spec(spec)
+
+
+def test_engine_threads_stay_on_their_cores(cluster, http):
+    """Each engine computes on the core its pool's cpu_bind gives it, after KV hand-offs too: vLLM's NIXL worker
+    would move the compute thread onto the node's last core (cpu_plugin keeps it)."""
+    text = tagged(f"bind-{uuid.uuid4().hex[:6]}", long_prompt(60))
+    resp = http.post(cluster.pd + "/completions", json={"model": cluster.model, "prompt": text, "max_tokens": 4,
+                                                       "temperature": 0})
+    assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated", resp.headers
+    for dep, app in ENGINES:
+        for replica in cluster.replicas(dep, app):
+            workers = _engine_workers(replica.pid)
+            assert workers, f"{dep}: no engine worker process under pid {replica.pid}"
+            for worker in workers:
+                bind = worker.environ()["VLLM_CPU_OMP_THREADS_BIND"]
+                expected = _allowed_cores_spec(bind)
+                moved = {t.id: _allowed_cores(t.id) for t in worker.threads() if _allowed_cores(t.id) - expected}
+                assert not moved, f"{dep} worker {worker.pid} (bound to {bind}): threads on other cores {moved}"
+
+
+def _allowed_cores_spec(spec: str) -> set[int]:
+    cores: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores |= set(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+def test_engine_core_waits_without_spinning(cluster, http):
+    """While the model runs, the EngineCore process waits for its worker by blocking, not by spinning a core
+    (cpu_plugin): over a 48-token answer it uses a small share of what the worker uses."""
+    [replica, *_] = cluster.replicas("ColocatedServer", "colocated")
+    tree = _tree(replica.pid)
+    workers = _engine_workers(replica.pid)
+    cores = [p for p in tree[1:] if p.name().startswith("VLLM::EngineCor")]
+    assert workers and cores, [p.name() for p in tree]
+    before = (_cpu_seconds(cores), _cpu_seconds(workers))
+    resp = http.post(cluster.colocated + "/completions",
+                     json={"model": cluster.model, "prompt": tagged(uuid.uuid4().hex[:6], SHORT), "max_tokens": 48,
+                           "min_tokens": 48, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    core_s, worker_s = _cpu_seconds(cores) - before[0], _cpu_seconds(workers) - before[1]
+    print(f"EngineCore {core_s:.2f} s CPU, worker {worker_s:.2f} s CPU")
+    assert core_s < 0.5 * worker_s, (core_s, worker_s)
+
+
 def test_idle_engines_do_not_spin(cluster):
     time.sleep(3)  # let the previous test's requests drain
     trees = {dep: _tree(cluster.stats(dep, app).pid) for dep, app in ENGINES}

@@ -1,0 +1,94 @@
+"""The CPU engine plugin's two patches, on vLLM's real classes (the cluster tests check real engines: threads on
+their cores, an EngineCore that does not spin)."""
+
+import threading
+import time
+
+import pytest
+import zmq
+from vllm.distributed.device_communicators import shm_broadcast
+from vllm.platforms import cpu
+
+from deployments.engine import cpu_plugin
+
+
+@pytest.fixture(autouse=True)
+def _restore_vllm(monkeypatch):
+    """Whatever a test patches in vLLM is put back."""
+    monkeypatch.setattr(shm_broadcast.SpinCondition.__init__, "__defaults__",
+                        shm_broadcast.SpinCondition.__init__.__defaults__)
+    monkeypatch.setattr(cpu.CpuPlatform, "discover_numa_topology", cpu.CpuPlatform.discover_numa_topology)
+    for env in (cpu_plugin.BUSY_LOOP_ENV, cpu_plugin.KEEP_BIND_ENV, "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(env, raising=False)
+
+
+def _reader_busy_loop_s() -> float:
+    ctx = zmq.Context()
+    try:
+        cond = shm_broadcast.SpinCondition(is_reader=True, context=ctx, notify_address="inproc://pdserve-test")
+        value = cond.busy_loop_s
+        cond.local_notify_socket.close(0)
+        cond.read_cancel_socket.close(0)
+        cond.write_cancel_socket.close(0)
+        return value
+    finally:
+        ctx.term()
+
+
+def test_vllm_spins_a_second_by_default():
+    """What the plugin changes: without it, a reader busy-loops for a second after each read."""
+    assert _reader_busy_loop_s() == 1
+
+
+def test_cpu_readers_block_at_once(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    cpu_plugin.register()
+    cpu_plugin.register()  # vLLM may load plugins twice in a process
+    assert _reader_busy_loop_s() == 0
+
+
+def test_busy_loop_from_env(monkeypatch):
+    monkeypatch.setenv(cpu_plugin.BUSY_LOOP_ENV, "0.25")
+    cpu_plugin.register()
+    assert _reader_busy_loop_s() == 0.25
+
+
+def test_non_cpu_platform_keeps_vllm_default(monkeypatch):
+    assert cpu_plugin.busy_loop_s(is_cpu=False) is None
+    monkeypatch.setenv(cpu_plugin.BUSY_LOOP_ENV, "0")
+    assert cpu_plugin.busy_loop_s(is_cpu=False) == 0
+
+
+def test_blocking_reader_still_wakes_on_notify():
+    """With no busy loop a reader waits on the zmq notification; a write wakes it at once, not at a timeout."""
+    ctx = zmq.Context()
+    writer = shm_broadcast.SpinCondition(is_reader=False, context=ctx, notify_address="ipc:///tmp/pdserve-spin-test")
+    reader = shm_broadcast.SpinCondition(is_reader=True, context=ctx, notify_address="ipc:///tmp/pdserve-spin-test",
+                                         busy_loop_s=0)
+    time.sleep(0.2)  # the subscription reaches the publisher
+    threading.Timer(0.1, writer.notify).start()
+    t0 = time.monotonic()
+    reader.wait(timeout_ms=5000)
+    assert time.monotonic() - t0 < 2
+    for sock in (writer.local_notify_socket, reader.local_notify_socket, reader.read_cancel_socket,
+                 reader.write_cancel_socket):
+        sock.close(0)
+    ctx.term()
+
+
+def test_explicit_bind_reserves_no_core_for_nixl(monkeypatch):
+    """vLLM's NIXL worker binds its calling thread (the compute thread) to what this returns: nothing, where the
+    engine's cores are given."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    cpu_plugin.register()
+    assert cpu.CpuPlatform.discover_numa_topology() == []
+
+
+@pytest.mark.parametrize("env", [{"VLLM_CPU_OMP_THREADS_BIND": "auto"}, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {},
+                                 {"VLLM_CPU_OMP_THREADS_BIND": "0", cpu_plugin.KEEP_BIND_ENV: "0"}])
+def test_vllm_reservation_kept_without_explicit_bind(monkeypatch, env):
+    original = cpu.CpuPlatform.discover_numa_topology
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cpu_plugin.register()
+    assert cpu.CpuPlatform.discover_numa_topology == original
