@@ -28,9 +28,10 @@ from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
 
 CI_IDS = [p.name for p in CI_VALUES]
 EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml",
-               "gpu-rdma-values.yaml"}
+               "gpu-rdma-values.yaml", "elastic-values.yaml"}
 POOLS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
-RAY_CONTAINERS = {"head": "ray-head", "prefill": "ray-worker", "decode": "ray-worker"}
+MODE_POOLS = {"disaggregated": POOLS, "elastic": {"elastic": "ElasticServer"}}
+RAY_CONTAINERS = {"head": "ray-head", "prefill": "ray-worker", "decode": "ray-worker", "elastic": "ray-worker"}
 
 
 @pytest.fixture(scope="session")
@@ -135,10 +136,10 @@ def test_serve_config_loads_with_the_apps_settings_model(rendered, name):
     [app] = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
     settings = parse_settings(app["args"])
-    assert settings.mode == "disaggregated"
+    assert settings.mode == ("elastic" if name.startswith("elastic") else "disaggregated")
     assert settings.http.port == config["http_options"]["port"] and settings.http.host == "0.0.0.0"
     built = ht.app_deployments(settings)
-    assert set(built) == {"Ingress", "PrefillServer", "DecodeServer"}
+    assert set(built) == {"Ingress", *MODE_POOLS[settings.mode].values()}
     for override in schema.applications[0].deployments:
         assert override.name in built
     for override in app["deployments"]:
@@ -166,13 +167,15 @@ def test_custom_resources_pin_each_deployment_to_its_worker_group(rendered, name
     settings = settings_of(rendered(name))
     built = ht.app_deployments(settings)
     groups = ht.worker_groups(rayservice)
-    offered = {g: ht.ray_start_resources(groups[g]["rayStartParams"]) for g in POOLS}
+    pools = MODE_POOLS[settings.mode]
+    assert list(groups) == list(pools)  # a worker group for each of the mode's pools, no other
+    offered = {g: ht.ray_start_resources(groups[g]["rayStartParams"]) for g in pools}
     head = ht.ray_start_resources(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"])
-    for group, deployment in POOLS.items():
+    for group, deployment in pools.items():
         pool = getattr(settings, group)
         [key] = pool.ray_resources
         assert key in offered[group], f"{group} pods do not offer {key}: {offered[group]}"
-        assert all(key not in offered[other] for other in POOLS if other != group) and key not in head
+        assert all(key not in offered[other] for other in pools if other != group) and key not in head
         assert built[deployment].ray_actor_options["resources"] == pool.ray_resources
         slots = offered[group][key] / pool.ray_resources[key]
         assert gpu_limit(ht.pod_specs(rayservice)[group]) >= pool.num_gpus * slots
@@ -473,3 +476,46 @@ def test_gpu_groups_get_their_env_security_context_nixl_port_and_pd_affinity(ren
     assert "podAffinity" not in specs["prefill"].get("affinity", {})
     default = rayservice_of(rendered("default-values.yaml"))
     assert "upgradeStrategy" not in default["spec"] and "affinity" not in ht.pod_specs(default)["decode"]
+
+
+# ---- elastic mode --------------------------------------------------------------------------------------------
+
+def test_elastic_mode_is_one_pool_of_kv_both_engines_on_one_worker_group(rendered):
+    docs = rendered("elastic-values.yaml")
+    rayservice, settings = rayservice_of(docs), settings_of(docs)
+    assert settings.mode == "elastic" and settings.prefill is None and settings.decode is None
+    assert (settings.elastic.num_replicas, settings.elastic.num_gpus) == (2, 0)
+    assert settings.kv_connector.kv_buffer_device == "cpu"
+    built = ht.app_deployments(settings)
+    assert built["ElasticServer"].ray_actor_options["resources"] == {"pdserve_elastic": 1}
+    [group] = ht.worker_groups(rayservice).values()
+    assert (group["groupName"], group["replicas"]) == ("elastic", 2)
+    [container] = group["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["nixl"] == settings.elastic.nixl_side_channel_port_base == 5900
+    assert container["image"].endswith(":0.1.0-cpu")
+    assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "elastic"
+
+
+def test_elastic_pool_autoscales_on_its_own_signal(helm_bin):
+    docs = ht.render(helm_bin, CHART / "ci" / "elastic-values.yaml",
+                     sets=("elastic.deployment.autoscaling.enabled=true",
+                           "elastic.deployment.autoscaling.maxReplicas=4", "elastic.workerGroup.maxReplicas=4",
+                           "rayAutoscaler.enabled=true"))
+    settings = settings_of(docs)
+    scaling = settings.elastic.autoscaling
+    assert (scaling.min_replicas, scaling.max_replicas, settings.elastic.num_replicas) == (2, 4, 2)
+    config = ht.app_deployments(settings)["ElasticServer"]._deployment_config.autoscaling_config
+    assert config is not None and config.policy.policy_kwargs["role"] == "elastic"
+    assert ht.worker_groups(rayservice_of(docs))["elastic"]["maxReplicas"] == 4
+
+
+@pytest.mark.parametrize("sets,message", [
+    (("mode=elastic", "placement.prefillDecodeAffinity=preferred"), "mode elastic has neither"),
+    (("mode=elastic", "elastic.deployment.numReplicas=3"), "3 Serve replicas needed but the worker group offers 2"),
+    (("mode=colocated",), "value must be one of 'disaggregated', 'elastic'"),
+])
+def test_elastic_mode_refuses_what_cannot_work(helm_bin, sets, message):
+    args = [a for kv in sets for a in ("--set", kv)]
+    proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -94,8 +94,8 @@ app.kubernetes.io/part-of: pdserve
 {{- if not (kindIs "invalid" $v.engine.blockSize) }}
 {{- $_ := set $engine "block_size" (int $v.engine.blockSize) }}
 {{- end }}
-{{- toJson (dict
-  "mode" "disaggregated"
+{{- $settings := dict
+  "mode" $v.mode
   "model" (dict "source" $v.model.source "served_model_name" $v.model.servedModelName)
   "engine" $engine
   "kv_connector" (dict
@@ -103,14 +103,33 @@ app.kubernetes.io/part-of: pdserve
     "kv_buffer_device" $v.kvConnector.kvBufferDevice
     "kv_load_failure_policy" $v.kvConnector.kvLoadFailurePolicy
     "nixl_progress_delay_us" (int $v.kvConnector.nixlProgressDelayUs))
-  "prefill" (include "pdserve.poolSettings" (dict "name" "prefill" "pool" $v.prefill) | fromJson)
-  "decode" (include "pdserve.poolSettings" (dict "name" "decode" "pool" $v.decode) | fromJson)
   "routing" (dict "prefill_policy" $v.routing.prefillPolicy "decode_policy" $v.routing.decodePolicy
     "min_remote_prefill_tokens" (int $v.routing.minRemotePrefillTokens))
   "slo" (dict "ttft_s" $v.slo.ttftS "itl_s" $v.slo.itlS)
   "http" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
   "request_timeout_s" $v.serve.requestTimeoutS
-  "overrides" $v.settings) }}
+  "overrides" $v.settings }}
+{{- range $name := include "pdserve.poolNames" $ | fromJsonArray }}
+{{- $_ := set $settings $name (include "pdserve.poolSettings" (dict "name" $name "pool" (index $v $name)) | fromJson) }}
+{{- end }}
+{{- toJson $settings }}
+{{- end }}
+
+{{/* The pools (and worker groups) of the chart's mode, as a JSON list: `mode: elastic` has one, the other two. */}}
+{{- define "pdserve.poolNames" -}}
+{{- if eq .Values.mode "elastic" }}
+{{- if ne .Values.placement.prefillDecodeAffinity "none" }}
+{{- fail "placement.prefillDecodeAffinity places decode pods near prefill pods: mode elastic has neither (set it to none)" }}
+{{- end }}
+{{- toJson (list "elastic") }}
+{{- else }}
+{{- toJson (list "prefill" "decode") }}
+{{- end }}
+{{- end }}
+
+{{/* The Serve deployment of each pool. */}}
+{{- define "pdserve.poolDeployment" -}}
+{{- get (dict "prefill" "PrefillServer" "decode" "DecodeServer" "elastic" "ElasticServer") . }}
 {{- end }}
 
 
