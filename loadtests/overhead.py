@@ -112,16 +112,19 @@ def measure_handle(texts: list[str], warmup: list[str], max_tokens: int) -> list
         sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
         start = last = time.perf_counter()
         for item in handle.generate.remote(PhaseRequest("completions", body)):
-            if not isinstance(item, str) or not item.startswith("data: {"):
+            if not isinstance(item, str):
                 continue
-            if any(c.get("text") for c in json.loads(item[len("data: "):]).get("choices", [])):
-                now = time.perf_counter()
-                if sample.ttft_s is None:
-                    sample.ttft_s = now - start
-                else:
-                    sample.itl_s.append(now - last)
-                last = now
-                sample.num_output_tokens += 1
+            now = time.perf_counter()
+            for event in item.split("\n\n"):  # an item may hold several chunks (those that queued up)
+                if not event.startswith("data: {"):
+                    continue
+                if any(c.get("text") for c in json.loads(event[len("data: "):]).get("choices", [])):
+                    if sample.ttft_s is None:
+                        sample.ttft_s = now - start
+                    else:
+                        sample.itl_s.append(now - last)
+                    last = now
+                    sample.num_output_tokens += 1
         sample.e2e_s = time.perf_counter() - start
         sample.ok = True
         out.append(sample)

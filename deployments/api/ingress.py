@@ -290,24 +290,27 @@ class Ingress:
             trace.first_token_at = min(trace.decode_started_at + engine_ttft_ms / 1000, trace.finished_at)
 
     async def _stream(self, first: str, rest: AsyncIterator, trace: Trace, skip_first_gap: bool) -> AsyncIterator[str]:
-        """Relay SSE chunks; time each gap; put the timing breakdown into the final usage chunk, if any."""
+        """Relay SSE chunks (an item of ``rest`` may hold several: the engine replica joins those that queued up);
+        time each gap; put the timing breakdown into the final usage chunk, if any."""
         status, last = 200, time.time()
         try:
             yield first
-            async for chunk in rest:
+            async for item in rest:
                 now = time.time()
-                if chunk.startswith("data: [DONE]"):
-                    trace.finished_at = trace.finished_at or now
-                elif '"usage":{' in chunk and '"choices":[]' in chunk:  # the final usage chunk
-                    trace.finished_at = now
-                    payload = json.loads(chunk[len("data: "):])
-                    chunk = f"data: {json.dumps(payload | {'pdserve_timing': trace.timing()})}\n\n"
-                elif skip_first_gap:
-                    skip_first_gap = False  # chat's first chunk only carries the role
-                else:
-                    trace.token_gaps_s.append(now - last)
-                last = now
-                yield chunk
+                events = [event for event in item.split("\n\n") if event]
+                for i, event in enumerate(events):
+                    if event.startswith("data: [DONE]"):
+                        trace.finished_at = trace.finished_at or now
+                    elif '"usage":{' in event and '"choices":[]' in event:  # the final usage chunk
+                        trace.finished_at = now
+                        payload = json.loads(event[len("data: "):])
+                        events[i] = f"data: {json.dumps(payload | {'pdserve_timing': trace.timing()})}"
+                    elif skip_first_gap:
+                        skip_first_gap = False  # chat's first chunk only carries the role
+                    else:
+                        trace.token_gaps_s.append(now - last)  # chunks that came together: 0 s apart
+                    last = now
+                yield "".join(f"{event}\n\n" for event in events)
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away
             raise

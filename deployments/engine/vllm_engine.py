@@ -29,6 +29,7 @@ from ..kv.protocol import PullDeadline
 from ..outcomes import Failure
 from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply, PullRecomputed
 from ..settings import EngineSettings, KVConnectorSettings
+from .coalesce import coalesced
 
 logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
 
@@ -306,8 +307,8 @@ class VLLMEngine:
                 if recomputed := self._pull_recomputed(request_id):
                     yield recomputed
                 yield first
-                async for chunk in result:
-                    yield chunk
+                async for chunks in coalesced(result):  # what piled up while the handle was busy goes as one
+                    yield chunks
                 return
         if self._pull_timed_out(request_id):
             yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
