@@ -37,7 +37,7 @@ class RouteReason(StrEnum):
     NO_STREAMS_TO_STALL = "no_streams_to_stall"  # the decode engine has no decoding stream a local prefill could stall
     NO_QUIETER_ENGINE = "no_quieter_engine"  # every other engine has as many decoding streams to stall
     STALL_WITHIN_SLO = "stall_within_slo"  # a local prefill stalls its streams less than the ITL target
-    BALANCE_STREAMS = "balance_streams"  # the quietest engine serves it whole: decoding elsewhere piles streams up
+    BALANCE_STREAMS = "balance_streams"  # the decode engine holds its most streams: the quietest serves it whole
     ITL_PROTECTED = "itl_protected"  # prefilled on a quieter engine: locally it would stall streams past the ITL target
     REFUSED = "refused"  # refused at the ingress (4xx) before any routing
 

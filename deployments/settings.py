@@ -144,9 +144,10 @@ class RoutingSettings(_Strict):
         2, ge=1, description="Consecutive failures that take a replica out of rotation."
     )
     breaker_cooldown_s: float = Field(15, gt=0, description="How long a failing replica stays out before a probe.")
-    elastic_max_stream_imbalance: int = Field(
-        4, ge=0, description="Elastic mode: the most streams a decode engine may run above the engine that prefilled "
-        "for it. Past it, that quieter engine serves the request whole, so decode load spreads over the pool."
+    elastic_max_streams_per_engine: int | None = Field(
+        None, ge=1, description="Elastic mode: the most streams packed onto one engine before the next engine takes "
+        "streams (decode load packed leaves the other engines free to prefill long prompts). None: the pool's "
+        "engine max_num_seqs."
     )
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests queued per pool beyond the replicas' capacity before HTTP 429; -1: no bound."

@@ -12,7 +12,7 @@ from deployments.settings import SettingsError, parse_settings
 from tests.fakes import DIE, KV_TIMEOUT, FakePool, fake_elastic_ingress
 from tests.test_request_path import FAST, LONG, SHORT, serve
 
-LIMITS = ElasticLimits(itl_target_s=0.1, ttft_target_s=5.0, min_remote_prefill_tokens=128, max_stream_imbalance=4)
+LIMITS = ElasticLimits(itl_target_s=0.1, ttft_target_s=5.0, min_remote_prefill_tokens=128, max_streams_per_engine=4)
 SPEED = 1000.0  # prompt tokens per second
 
 
@@ -26,9 +26,13 @@ def pair(d) -> tuple:
     return d.route, d.reason, d.prefill, d.decode
 
 
-def test_short_prompt_is_served_whole_by_the_engine_with_fewest_streams():
+def test_short_prompts_are_packed_onto_the_busiest_engine_with_room():
     d = choose_pair(50, {"a": load(running=3), "b": load(running=1)}, SPEED, LIMITS)
-    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT, None, "b")
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT, None, "a")
+    d = choose_pair(50, {"a": load(running=3, waiting=1), "b": load(running=1)}, SPEED, LIMITS)
+    assert pair(d)[3] == "b", "a holds 4 streams, the most packing allows: the next engine takes it"
+    d = choose_pair(50, {"a": load(running=2, kv=0.95), "b": load(running=1)}, SPEED, LIMITS)
+    assert pair(d)[3] == "b", "a has no KV cache left"
 
 
 def test_long_prompt_with_every_engine_idle_is_served_whole():
@@ -42,24 +46,24 @@ def test_long_prompt_with_no_decoding_stream_anywhere_goes_to_the_engine_that_pr
     assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")
 
 
-def test_long_prompt_is_prefilled_on_the_quietest_engine_and_decoded_on_another():
+def test_long_prompt_is_prefilled_on_the_quietest_engine_and_decoded_where_streams_are_packed():
     """Prefilling where the streams run would stall them 1.5 s, past the 0.1 s ITL target: the engine with the
-    fewest streams prefills, the next best decodes."""
+    fewest decoding streams prefills, the busiest one with room decodes."""
     d = choose_pair(1500, {"a": load(running=1), "b": load(running=3), "c": load(running=2)}, SPEED, LIMITS)
-    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "c")
+    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
 
 
 def test_prefill_engine_ties_on_decoding_streams_go_to_the_one_that_finishes_sooner():
-    """a and b each decode one stream; a is also prefilling 3000 tokens for two waiting streams: b prefills."""
-    loads = {"a": load(running=1, waiting=2, tokens=3000), "b": load(running=1), "c": load(running=2)}
+    """a and b each decode one stream; a is also prefilling 3000 tokens: b prefills, c (packed) decodes."""
+    loads = {"a": load(running=1, tokens=3000), "b": load(running=1), "c": load(running=3)}
     assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "c")
 
 
-def test_an_engine_whose_streams_all_wait_for_their_first_token_takes_a_long_prompt_whole():
-    """a's three streams are all still being prefilled: nothing there decodes, so a prefill there stalls no one and
-    needs no transfer; b decodes two streams."""
+def test_an_engine_whose_streams_all_wait_for_their_first_token_prefills_for_the_decoding_one():
+    """a's three streams are all still being prefilled: nothing there decodes, so it prefills (behind its queue,
+    within the TTFT target) and b, which decodes two streams, decodes this one too."""
     d = choose_pair(1000, {"a": load(waiting=3, tokens=2000), "b": load(running=2)}, SPEED, LIMITS)
-    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")
+    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
 
 
 def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
@@ -81,16 +85,17 @@ def test_a_quieter_engine_too_busy_to_prefill_in_time_keeps_the_prefill_local():
     assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
 
 
-def test_streams_do_not_pile_onto_one_engine_past_the_imbalance_bound():
-    """Decoding on b would leave it 5 streams above a: a, the quietest, serves the request whole instead."""
-    d = choose_pair(1000, {"a": load(running=1), "b": load(running=5)}, SPEED, LIMITS)
-    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.BALANCE_STREAMS, None, "a")
+def test_a_full_decode_engine_spills_onto_the_quieter_one():
+    """b holds 4 streams, the most packing allows: a serves the request whole. With 3, b still decodes it."""
     d = choose_pair(1000, {"a": load(running=1), "b": load(running=4)}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.BALANCE_STREAMS, None, "a")
+    d = choose_pair(1000, {"a": load(running=1), "b": load(running=3)}, SPEED, LIMITS)
     assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
 
 
-def test_engine_without_kv_room_never_prefills_for_another():
-    """a decodes nothing but its KV cache is full: it cannot hold a hand-off, so b, the next quietest, prefills."""
+def test_engine_without_kv_room_never_prefills_or_decodes_for_another():
+    """a decodes nothing but its KV cache is full: it cannot hold a hand-off nor a stream, so b, the next quietest,
+    prefills and c decodes."""
     loads = {"a": load(waiting=3, kv=0.95), "b": load(running=1), "c": load(running=2)}
     assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "c")
     full = {"a": load(running=1, kv=0.95), "b": load(running=2, kv=0.97)}
@@ -106,20 +111,19 @@ def test_excluded_engines_are_never_chosen_and_no_engine_means_the_router_picks(
         Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE, None, None)
 
 
-def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_within_the_imbalance_bound():
-    """Replaying the rule on its own bookings: a run of long prompts."""
+def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_then_spills():
+    """Replaying the rule on its own bookings: a run of long prompts, then short ones."""
     ledger, reported = Ledger(), {"a": load(), "b": load()}
     routes = []
-    for _ in range(8):
-        d = choose_pair(1500, ledger.loads(reported), SPEED, LIMITS)
+    for tokens in [1500] * 6 + [50] * 3:
+        d = choose_pair(tokens, ledger.loads(reported), SPEED, LIMITS)
         ledger.add(d.decode, streams=1)
         routes.append((d.prefill, d.decode))
-    # while an engine decodes nothing it takes long prompts whole (no stall, no transfer); with both decoding one
-    # stream nothing is gained by moving (b whole); then b decodes what a prefills until it runs 4 streams more
-    # than a, and from there a serves every other request whole (b would exceed the bound)
-    assert routes == [(None, "b"), (None, "a"), (None, "b"), ("a", "b"), ("a", "b"), ("a", "b"), (None, "a"),
-                      ("a", "b")]
-    assert ledger.streams == {"a": 2, "b": 6}
+    # the first is served whole (nothing to stall); then a prefills what b decodes, as static PD would, until b
+    # holds 4 streams: from there a takes streams too, and short prompts pack onto a until it is full as well
+    assert routes == [(None, "b"), ("a", "b"), ("a", "b"), ("a", "b"), (None, "a"), (None, "a"), (None, "a"),
+                      (None, "a"), (None, "a")]
+    assert ledger.streams == {"a": 5, "b": 4}  # both full: the least loaded (a tie, by name) takes the last one
 
 
 def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reported():
@@ -129,8 +133,8 @@ def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reporte
     assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens, loads["a"].kv_cache_usage) == (2, 1500,
                                                                                                            0.3)
     assert (loads["b"].num_running, loads["b"].num_outstanding_prompt_tokens) == (0, 0)
-    # the fresh bookings make b the quiet engine: it takes the next long prompt whole
-    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == (None, "b")
+    # the fresh bookings make b the quiet engine: it prefills the next long prompt, a (packed) decodes it
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
     ledger.add("a", streams=1, waiting=1)  # a third stream, before its first token
     assert (ledger.loads({"a": load()})["a"].num_running, ledger.loads({"a": load()})["a"].num_waiting) == (2, 1)
     ledger.add("a", streams=-3, waiting=-1, prompt_tokens=-1500)
@@ -153,7 +157,7 @@ PATH = {"routing": FAST["routing"] | {"prefill_tokens_per_s": 1000, "prefill_tim
         "slo": {"itl_s": 0.1}}
 
 
-BUSY = {"e1": 1, "e2": 2, "e3": 4}  # streams per engine: a long prompt is prefilled on e1 and decoded on e2
+BUSY = {"e1": 1, "e2": 4, "e3": 2}  # streams per engine: a long prompt is prefilled on e1 and decoded on e2
 
 
 def elastic(streams: dict[str, int]):
@@ -196,7 +200,7 @@ def test_elastic_short_prompt_is_served_whole_by_one_engine():
     pool, ingress = elastic(BUSY)
     _, trace = serve(ingress, SHORT)
     assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.SHORT_PROMPT)
-    assert prefills(pool) == [] and decodes(pool) == [("e1", None)]
+    assert prefills(pool) == [] and decodes(pool) == [("e2", None)]  # packed onto the busiest engine
 
 
 def test_elastic_prefill_engine_dying_retries_on_another_engine_but_never_the_decode_one():

@@ -9,16 +9,17 @@ The rule, for one request. An engine's *decoding* streams are those past their f
 them (their inter-token latency). Its *streams* add those still waiting for their first token (a prefill there
 only delays them, like any queue). *done*: when the engine would finish this prompt's prefill behind the prompt
 tokens it already holds, at the measured prefill speed.
-1. A short prompt is served whole by the least loaded engine (``ReplicaLoad.score``: streams waiting for their
-   first token and prompt tokens queued weigh most, then decoding streams and KV cache usage).
-2. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
-   earliest done. The decode engine D is the least loaded of the others.
-3. P serves the request whole (no transfer) when it has no decoding stream to stall (or D, if D has none either
-   and is as soon). D serves it whole when the stall (its done) stays within the ITL target, when P has as many
-   decoding streams (moving the prefill saves no stall), or when P would finish neither sooner than D nor within
-   the TTFT target.
-4. Otherwise P prefills and D pulls the KV, unless D would then run more than ``max_stream_imbalance`` streams
-   above P: then P serves the request whole, so that decode load does not pile onto one engine.
+1. Decode load is packed: a stream goes to the engine that already runs the most streams, while it has fewer than
+   ``max_streams_per_engine``; past that, to the least loaded (``ReplicaLoad.score``). Packing keeps the other
+   engines free of decoding streams, so that long prompts can be prefilled where they stall no one: the pool
+   drifts into static PD's shape while the load calls for it, and spreads out when one engine is full.
+2. A short prompt is served whole by that decode engine D.
+3. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
+   earliest done (and with KV room to hold the hand-off). D is chosen as in 1 among the others.
+4. The request is served whole (no transfer) when no prefill anywhere stalls a stream (no engine decodes: the
+   sooner of P and D), when D is full (P takes the stream), when the stall on D (its done) stays within the ITL
+   target, when P has as many decoding streams as D, or when P would finish neither sooner than D nor within the
+   TTFT target (D). Otherwise P prefills and D pulls the KV.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ElasticLimits:
     itl_target_s: float  # the longest stall of decoding streams that keeps them within the ITL target
     min_remote_prefill_tokens: int  # shorter prompts always prefill locally
     ttft_target_s: float = float("inf")  # a remote prefill done within it is in time, even if not sooner
-    max_stream_imbalance: int = 4  # most streams a decode engine may run above its prefill engine
+    max_streams_per_engine: int = 8  # streams packed onto one engine before the next one takes streams
     max_kv_cache_usage: float = 0.9  # a prefill engine must have room to hold the KV until it is pulled
 
 
@@ -65,33 +66,37 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     def done_s(r: str) -> float:
         return (loads[r].num_outstanding_prompt_tokens + num_prompt_tokens) / tokens_per_s
 
-    def decode_rank(r: str) -> tuple:  # as least-loaded routing ranks: queued prefill work counts, streams too
-        return loads[r].score(), r
+    def full(r: str) -> bool:  # no room for another stream: as many as packing allows, or no KV cache left
+        return (_streams(loads[r]) >= limits.max_streams_per_engine
+                or loads[r].kv_cache_usage >= limits.max_kv_cache_usage)
+
+    def pack_rank(r: str) -> tuple:  # the busiest engine with room for a stream; else the least loaded
+        return (True, loads[r].score(), r) if full(r) else (False, -_streams(loads[r]), loads[r].score(), r)
 
     def whole(engine: str, reason: RouteReason) -> PairDecision:
         return PairDecision(Route.LOCAL_PREFILL, reason, engine)
 
     if num_prompt_tokens < limits.min_remote_prefill_tokens:
-        return whole(min(eligible, key=decode_rank), RouteReason.SHORT_PROMPT)
+        return whole(min(eligible, key=pack_rank), RouteReason.SHORT_PROMPT)
     with_room = [r for r in eligible if loads[r].kv_cache_usage < limits.max_kv_cache_usage]
     if not with_room:  # no engine can hold a hand-off: the best decode engine does it all
-        return whole(min(eligible, key=decode_rank), RouteReason.PREFILL_UNAVAILABLE)
+        return whole(min(eligible, key=pack_rank), RouteReason.PREFILL_UNAVAILABLE)
     prefill = min(with_room, key=lambda r: (loads[r].num_running, done_s(r), r))
     others = [r for r in eligible if r != prefill]
     if not others:
         return whole(prefill, RouteReason.PREFILL_UNAVAILABLE)
-    decode = min(others, key=decode_rank)
-    if loads[prefill].num_running == 0:  # P stalls no one: it serves the request whole, or D, idle too and sooner
-        idle_decode = loads[decode].num_running == 0 and done_s(decode) <= done_s(prefill)
-        return whole(decode if idle_decode else prefill, RouteReason.NO_STREAMS_TO_STALL)
+    decode = min(others, key=pack_rank)
+    if loads[decode].num_running == 0:  # D stalls no one: it serves the request whole, or P if P is sooner
+        sooner = prefill if loads[prefill].num_running == 0 and done_s(prefill) < done_s(decode) else decode
+        return whole(sooner, RouteReason.NO_STREAMS_TO_STALL)
+    if full(decode):
+        return whole(prefill, RouteReason.BALANCE_STREAMS)
     if done_s(decode) <= limits.itl_target_s:
         return whole(decode, RouteReason.STALL_WITHIN_SLO)
     if loads[prefill].num_running >= loads[decode].num_running:
         return whole(decode, RouteReason.NO_QUIETER_ENGINE)
     if done_s(prefill) > max(done_s(decode), limits.ttft_target_s):
         return whole(decode, RouteReason.PREFILL_OVERLOADED)
-    if _streams(loads[decode]) + 1 - _streams(loads[prefill]) > limits.max_stream_imbalance:
-        return whole(prefill, RouteReason.BALANCE_STREAMS)
     return PairDecision(Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, decode, prefill)
 
 
