@@ -15,8 +15,11 @@ decode steps twice as slow as the same engines without NIXL.
    EngineCore; they talk over a shared-memory ring whose reader, within ``busy_loop_s`` (1 s) of its last read,
    waits by spinning on ``sched_yield``. The EngineCore thus spun ~70% of a core through every forward pass, on
    a core another engine computes on. This hook sets the readers' ``busy_loop_s`` default to
-   ``PDSERVE_ENGINE_BUSY_LOOP_S`` (CPU default 0: block on the ring's zmq notification at once, ~0.1 ms per step
-   against a 15-50 ms step). On other platforms it acts only where that variable is set.
+   ``PDSERVE_ENGINE_BUSY_LOOP_S`` (CPU default 0: block on the ring's zmq notification at once). On other
+   platforms it acts only where that variable is set. vLLM's notifications can be lost (its PUB socket keeps one
+   message and drops the next), which its busy loop hides and a blocked reader finds only at its recheck, every
+   5 s: measured, one-at-a-time requests then stalled 5 s at a time. So a reader that blocks also rechecks the
+   ring every ``RECHECK_MS`` (1 ms: ~1000 wake-ups a second while waiting, against a spinning core).
 
 vLLM loads ``vllm.general_plugins`` in every process it starts, before the executor creates its queues and
 before the connector exists. Each patch checks that vLLM still has the shape it patches, and otherwise says so on
@@ -32,6 +35,7 @@ import sys
 BUSY_LOOP_ENV = "PDSERVE_ENGINE_BUSY_LOOP_S"
 KEEP_BIND_ENV = "PDSERVE_CPU_KEEP_BIND"
 CPU_DEFAULT_BUSY_LOOP_S = 0.0
+RECHECK_MS = 1  # how often a blocked reader looks at the ring again (vLLM: 5000), for notifications lost
 _UNBOUND = ("", "auto", "nobind")  # VLLM_CPU_OMP_THREADS_BIND values that name no cores
 
 
@@ -63,8 +67,12 @@ def _set_busy_loop(seconds: float) -> None:
     if "busy_loop_s" not in names or names.index("busy_loop_s") < len(names) - len(defaults):
         _say(f"vLLM's SpinCondition has no busy_loop_s default; {BUSY_LOOP_ENV} not applied")
         return
+    if not isinstance(getattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", None), int):
+        _say(f"vLLM's shm_broadcast has no SHM_READER_RECHECK_INTERVAL_MS; {BUSY_LOOP_ENV} not applied")
+        return
     defaults[names.index("busy_loop_s") - (len(names) - len(defaults))] = seconds
     init.__defaults__ = tuple(defaults)
+    shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = min(shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS, RECHECK_MS)
 
 
 def _no_reserved_kv_cores(cls) -> list[list[int]]:
