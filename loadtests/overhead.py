@@ -8,6 +8,9 @@ one thread, bound to core 0), and sends the same short prompts one at a time (st
 - ``pdserve``: pdserve's colocated app as deployed by default: HTTP → ingress replica → engine replica → engine.
 - ``pdserve-handle``: the same engine replica called through a Serve handle from this process (the engine replica
   and the handle's stream, without the HTTP front and the ingress): where the time between the two goes.
+- ``pdserve-direct-ingress`` (``--direct-ingress``): pdserve's app with Ray Serve's experimental direct ingress
+  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the ingress replica serves HTTP itself, no proxy actor and no proxy →
+  ingress hop.
 
     python -m loadtests.overhead --num-requests 30 --out docs/benchmarks      (or: make bench-overhead)
 
@@ -140,6 +143,10 @@ def summary(samples: list[RequestSample]) -> dict[str, float]:
             "num_requests": len(samples)}
 
 
+# Ray Serve's experimental direct ingress: the ingress replica listens itself, from port 8000 (no proxy runs there).
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8000"}
+
+
 def _pdserve(*args: str, env: dict | None = None) -> None:
     subprocess.run([str(Path(sys.executable).with_name("pdserve")), *args], check=True, timeout=1200,
                    env=os.environ | {"HF_HUB_OFFLINE": "1"} | (env or {}))
@@ -170,9 +177,10 @@ def run_bare(texts: list[str], warmup: list[str], max_tokens: int, out: Path) ->
         return measure(url, texts, max_tokens)
 
 
-def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path, env: dict | None = None
-                ) -> tuple[list[RequestSample], list[RequestSample]]:
-    """(through HTTP, through a Serve handle) on pdserve's colocated app: one replica, core 0."""
+def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path, env: dict | None = None,
+                with_handle: bool = True) -> tuple[list[RequestSample], list[RequestSample]]:
+    """(through HTTP, through a Serve handle) on pdserve's colocated app: one replica, core 0. The handle part runs
+    once per process: a second in-process Serve connection keeps routing to the first cluster's replicas."""
     doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
     config = out / "overhead-colocated.yaml"
     config.write_text(yaml.safe_dump(doc))
@@ -184,7 +192,7 @@ def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path,
         measure("http://127.0.0.1:8000", warmup, max_tokens, headers)
         http = measure("http://127.0.0.1:8000", texts, max_tokens, headers)
         fresh = prompts(len(texts) + len(warmup), len(texts[0].split()) - 1, first=len(texts) + len(warmup))
-        handle = measure_handle(fresh[len(warmup):], fresh[:len(warmup)], max_tokens)  # prompts it has not seen
+        handle = measure_handle(fresh[len(warmup):], fresh[:len(warmup)], max_tokens) if with_handle else []
         return http, handle
     finally:
         _pdserve("down")
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=60, help="about 64 prompt tokens")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--direct-ingress", action="store_true", help="also run pdserve with Serve's direct ingress")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     _say("pdserve colocated")
     http, handle = run_pdserve(texts, warmup, args.max_tokens, out)
     results["pdserve"], results["pdserve-handle"] = summary(http), summary(handle)
+    if args.direct_ingress:
+        _say("pdserve colocated, Serve's direct ingress")
+        try:
+            http, _ = run_pdserve(texts, warmup, args.max_tokens, out, env=DIRECT_INGRESS_ENV, with_handle=False)
+            results["pdserve-direct-ingress"] = summary(http)
+        except Exception as exc:  # experimental in Ray: say what failed, keep the other rows
+            _say(f"direct ingress failed: {exc!r}")
     md = table(results)
     (out / "overhead.json").write_text(json.dumps(results, indent=1))
     (out / "overhead.md").write_text(md + "\n")
