@@ -59,8 +59,12 @@ def _engine_workers(replica_pid: int) -> list[psutil.Process]:
 
 
 def _allowed_cores(tid: int) -> set[int]:
-    with open(f"/proc/{tid}/status") as f:
-        [spec] = [line.split()[1] for line in f if line.startswith("Cpus_allowed_list")]
+    """The cores a thread may run on; none for a thread that has just exited."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            [spec] = [line.split()[1] for line in f if line.startswith("Cpus_allowed_list")]
+    except FileNotFoundError:
+        return set()
     return _allowed_cores_spec(spec)
 
 
@@ -78,7 +82,8 @@ def test_engine_threads_stay_on_their_cores(cluster, http):
             for worker in workers:
                 bind = worker.environ()["VLLM_CPU_OMP_THREADS_BIND"]
                 expected = _allowed_cores_spec(bind)
-                moved = {t.id: _allowed_cores(t.id) for t in worker.threads() if _allowed_cores(t.id) - expected}
+                cores = {t.id: _allowed_cores(t.id) for t in worker.threads()}
+                moved = {tid: allowed for tid, allowed in cores.items() if allowed - expected}
                 assert not moved, f"{dep} worker {worker.pid} (bound to {bind}): threads on other cores {moved}"
 
 
