@@ -191,9 +191,10 @@ def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path,
     try:
         measure("http://127.0.0.1:8000", warmup, max_tokens, headers)
         http = measure("http://127.0.0.1:8000", texts, max_tokens, headers)
+        if not with_handle:
+            return http, []
         fresh = prompts(len(texts) + len(warmup), len(texts[0].split()) - 1, first=len(texts) + len(warmup))
-        handle = measure_handle(fresh[len(warmup):], fresh[:len(warmup)], max_tokens) if with_handle else []
-        return http, handle
+        return http, measure_handle(fresh[len(warmup):], fresh[:len(warmup)], max_tokens)  # prompts it has not seen
     finally:
         _pdserve("down")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import re
 import statistics
 import time
@@ -10,6 +11,7 @@ import uuid
 
 import psutil
 import pytest
+from vllm.utils.cpu_resource_utils import parse_id_list
 
 from .prompts import SHORT, long_prompt, tagged
 
@@ -61,11 +63,9 @@ def _engine_workers(replica_pid: int) -> list[psutil.Process]:
 def _allowed_cores(tid: int) -> set[int]:
     """The cores a thread may run on; none for a thread that has just exited."""
     try:
-        with open(f"/proc/{tid}/status") as f:
-            [spec] = [line.split()[1] for line in f if line.startswith("Cpus_allowed_list")]
-    except FileNotFoundError:
+        return os.sched_getaffinity(tid)
+    except ProcessLookupError:
         return set()
-    return _allowed_cores_spec(spec)
 
 
 def test_engine_threads_stay_on_their_cores(cluster, http):
@@ -81,18 +81,10 @@ def test_engine_threads_stay_on_their_cores(cluster, http):
             assert workers, f"{dep}: no engine worker process under pid {replica.pid}"
             for worker in workers:
                 bind = worker.environ()["VLLM_CPU_OMP_THREADS_BIND"]
-                expected = _allowed_cores_spec(bind)
+                expected = set(parse_id_list(bind))  # as vLLM reads VLLM_CPU_OMP_THREADS_BIND
                 cores = {t.id: _allowed_cores(t.id) for t in worker.threads()}
                 moved = {tid: allowed for tid, allowed in cores.items() if allowed - expected}
                 assert not moved, f"{dep} worker {worker.pid} (bound to {bind}): threads on other cores {moved}"
-
-
-def _allowed_cores_spec(spec: str) -> set[int]:
-    cores: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        cores |= set(range(int(lo), int(hi or lo) + 1))
-    return cores
 
 
 def test_engine_core_waits_without_spinning(cluster, http):

@@ -113,11 +113,12 @@ class Ingress:
         breaker = lambda: CircuitBreaker(r.breaker_failure_threshold, r.breaker_cooldown_s)  # noqa: E731
         self.elastic = settings.mode == "elastic"
         self.ledger = Ledger() if self.elastic else None
-        per_engine = r.elastic_max_streams_per_engine or (
-            settings.elastic.engine_for(settings.engine).max_num_seqs if self.elastic else 1)
-        self.elastic_limits = ElasticLimits(itl_target_s=settings.slo.itl_s, ttft_target_s=settings.slo.ttft_s,
-                                            min_remote_prefill_tokens=r.min_remote_prefill_tokens,
-                                            max_streams_per_engine=per_engine)
+        self.elastic_limits = ElasticLimits(
+            itl_target_s=settings.slo.itl_s, ttft_target_s=settings.slo.ttft_s,
+            min_remote_prefill_tokens=r.min_remote_prefill_tokens,
+            max_streams_per_engine=(r.elastic_max_streams_per_engine
+                                    or settings.elastic.engine_for(settings.engine).max_num_seqs),
+        ) if self.elastic else None
         names = {"disaggregated": ("PrefillServer", "DecodeServer"), "colocated": (None, "ColocatedServer"),
                  "elastic": ("ElasticServer", "ElasticServer")}[settings.mode]
         decode_breaker = breaker()

@@ -66,9 +66,11 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     def done_s(r: str) -> float:
         return (loads[r].num_outstanding_prompt_tokens + num_prompt_tokens) / tokens_per_s
 
+    def kv_room(r: str) -> bool:  # KV cache left to hold a hand-off or another stream
+        return loads[r].kv_cache_usage < limits.max_kv_cache_usage
+
     def full(r: str) -> bool:  # no room for another stream: as many as packing allows, or no KV cache left
-        return (_streams(loads[r]) >= limits.max_streams_per_engine
-                or loads[r].kv_cache_usage >= limits.max_kv_cache_usage)
+        return _streams(loads[r]) >= limits.max_streams_per_engine or not kv_room(r)
 
     def pack_rank(r: str) -> tuple:  # the busiest engine with room for a stream; else the least loaded
         return (True, loads[r].score(), r) if full(r) else (False, -_streams(loads[r]), loads[r].score(), r)
@@ -78,7 +80,7 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
 
     if num_prompt_tokens < limits.min_remote_prefill_tokens:
         return whole(min(eligible, key=pack_rank), RouteReason.SHORT_PROMPT)
-    with_room = [r for r in eligible if loads[r].kv_cache_usage < limits.max_kv_cache_usage]
+    with_room = [r for r in eligible if kv_room(r)]
     if not with_room:  # no engine can hold a hand-off: the best decode engine does it all
         return whole(min(eligible, key=pack_rank), RouteReason.PREFILL_UNAVAILABLE)
     prefill = min(with_room, key=lambda r: (loads[r].num_running, done_s(r), r))
