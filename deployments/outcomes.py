@@ -53,6 +53,7 @@ class Failure(StrEnum):
     PREFILL_REFUSED = "prefill_refused"  # the prefill-only run got 4xx: the decode engine judges the request itself
     DECODE_REPLICA_DIED = "decode_replica_died"
     DECODE_ERROR = "decode_error"  # the decode replica answered a server error before its first token
+    DECODE_REPLICA_UNRESPONSIVE = "decode_replica_unresponsive"  # its stream silent and no answer to a probe
     KV_PULL_TIMEOUT = "kv_pull_timeout"
     KV_LEASE_EXPIRED = "kv_lease_expired"
     KV_INCOMPATIBLE = "kv_incompatible"  # the prefill engine's KV layout differs from the decode engine's

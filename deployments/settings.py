@@ -115,9 +115,14 @@ class RoutingSettings(_Strict):
         500, gt=0, description="Prefill speed assumed until the pool's own speed is measured (from its replies)."
     )
     replica_probe_timeout_s: float = Field(
-        1.0, gt=0, description="After a prefill attempt timed out, how long its replica may take to answer a direct "
-        "liveness probe. Answered: the replica is alive and busy (queueing, not a breaker failure); silent: frozen "
-        "or cut off (a breaker failure)."
+        1.0, gt=0, description="After a prefill attempt timed out, or while a decode stream is silent, how long its "
+        "replica may take to answer a direct liveness probe. Answered: the replica is alive and busy (queueing, not a "
+        "breaker failure); silent: frozen or cut off (a breaker failure)."
+    )
+    decode_probe_interval_s: float = Field(
+        5.0, gt=0, description="How long a decode stream may stay silent (before its first token or between tokens) "
+        "before its replica is probed, and then between probes. A replica that does not answer is frozen or cut off: "
+        "before the first token the request is retried on another replica, after it the stream ends with an error."
     )
     kv_pull_timeout_s: float = Field(
         10, gt=0, description="Upper bound of the deadline for a decode engine to pull the KV and produce its first "

@@ -94,6 +94,10 @@ class Replica:
     pid: int
 
 
+# The e2e cluster's routing settings (the rest as by default).
+E2E_ROUTING = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "max_queued_requests": 16}
+
+
 def _combined_config(tmp: Path) -> Path:
     pd = yaml.safe_load((ROOT / "cluster/local-disaggregated.yaml").read_text())
     colo = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
@@ -106,7 +110,7 @@ def _combined_config(tmp: Path) -> Path:
         args[pool] |= {"num_replicas": 2, "cpu_bind": ["0", "1"]}
     # Prefill deadlines as by default (derived from prompt size and measured speed); a shorter pull deadline
     # and breaker cooldown keep the failure tests short.
-    args["routing"] = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "max_queued_requests": 16}
+    args["routing"] = dict(E2E_ROUTING)
     args["engine"]["max_num_seqs"] = 4
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))

@@ -25,6 +25,9 @@ FAKE_PREFILL_NODE, FAKE_DECODE_NODE = "10.9.0.1", "10.9.0.2"  # Ray node address
 FAKE_KV_FINGERPRINT = "fp-model-a"  # the decode replicas' KV layout; a prefill replica may report another
 OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM, KV_RECOMPUTED = (
     "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream", "kv_recomputed")
+FROZEN = "frozen"  # decode: silent from the start (not even its tag), as a SIGSTOPped replica
+SLOW_FIRST = "slow_first"  # decode: its first token after SLOW_FIRST_S (a long local prefill, a queue)
+SLOW_FIRST_S = 0.4
 
 
 class FakePool:
@@ -140,9 +143,13 @@ class FakeDecodeHandle:
             raise BackPressureError(num_queued_requests=4, max_queued_requests=4)
         if behaviour == DIE:
             raise RayError(f"ActorDiedError: replica {replica} at 10.1.2.3")
+        if behaviour == FROZEN:
+            await asyncio.sleep(3600)
         yield ReplicaTag(replica, time.time(), FAKE_DECODE_NODE)
         if behaviour == STALL:
             await asyncio.sleep(3600)
+        if behaviour == SLOW_FIRST:
+            await asyncio.sleep(SLOW_FIRST_S)
         if behaviour == ERROR_5XX:
             yield ErrorReply(500, "EngineCore encountered an issue", "InternalServerError")
             return

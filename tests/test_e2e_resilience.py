@@ -24,11 +24,13 @@ import ray
 from deployments.kv import decode_request, prefill_request
 from deployments.outcomes import Failure
 from deployments.replies import HandoffFailed
+from deployments.settings import RoutingSettings
 
-from .conftest import AUTH
+from .conftest import AUTH, E2E_ROUTING
 from .prompts import SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
+ROUTING = RoutingSettings(**E2E_ROUTING)
 LONG = long_prompt(30)  # ~400 tokens: above min_remote_prefill_tokens, quick to prefill on one core
 
 
@@ -268,6 +270,59 @@ def test_killed_decode_replica_mid_stream_ends_the_stream_cleanly(cluster):
     assert error["error"]["code"] == 503 and "interrupted" in error["error"]["message"]
     assert not re.search(r"Actor|Error\b|\d+\.\d+\.\d+\.\d+", error["error"]["message"]), error  # no internals
     assert len(lines) > 3 and closed_after < 30
+    cluster.wait_for_replicas("DecodeServer", 2)
+
+
+def test_frozen_decode_replica_before_first_token_hangs_no_request(cluster):
+    """SIGSTOP a decode replica and its engine (a hung node): a request already routed there is not held until
+    its end-to-end deadline. Its silent stream gets the replica probed; no answer, so the request is retried on the
+    other replica within one probe interval and one probe timeout."""
+    probe_s = ROUTING.decode_probe_interval_s + ROUTING.replica_probe_timeout_s
+    victim = cluster.replicas("DecodeServer")[0]
+    procs = _process_group(victim.pid)
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        prompts = [tagged(f"dfreeze-{i}-{uuid.uuid4().hex[:6]}", SHORT if i % 2 else LONG) for i in range(6)]
+        resps, times = _burst(cluster, prompts)
+        assert all(r.status_code == 200 for r in resps), [r.text for r in resps]
+        assert all(r.headers["x-pdserve-decode-replica"] != victim.id for r in resps)
+        retried = [r for r in resps if "decode_replica_unresponsive" in r.headers.get("x-pdserve-fallback", "")]
+        assert retried, "no request was routed to the frozen replica: the test proved nothing"
+        assert max(times) < 2 * probe_s + 30, times  # at most two probes (breaker threshold), then the work itself
+        print(f"frozen decode replica: {len(retried)} of 6 retried, max {max(times):.1f} s")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+    cluster.wait_for_replicas("DecodeServer", 2)
+
+
+def test_decode_replica_frozen_mid_stream_ends_the_stream_cleanly(cluster):
+    """SIGSTOP the decode replica of a running stream: the stream ends with an error event and [DONE] within one
+    probe interval and one probe timeout, not at the request's end-to-end deadline."""
+    probe_s = ROUTING.decode_probe_interval_s + ROUTING.replica_probe_timeout_s
+    time.sleep(ROUTING.breaker_cooldown_s)  # the previous test's frozen replica is back in rotation
+    body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, SHORT), "max_tokens": 1500,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60, headers=AUTH) as client, \
+            client.stream("POST", cluster.pd + "/completions", json=body) as resp:
+        victim = next(r for r in cluster.replicas("DecodeServer") if r.id == resp.headers["x-pdserve-decode-replica"])
+        procs = _process_group(victim.pid)
+        freezer = threading.Timer(2.0, lambda: [p.send_signal(signal.SIGSTOP) for p in procs])
+        t0 = time.monotonic()
+        freezer.start()
+        try:
+            lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+            closed_after = time.monotonic() - t0
+        finally:
+            freezer.join()
+            for p in procs:
+                p.send_signal(signal.SIGCONT)
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])
+    assert error["error"]["code"] == 503 and "interrupted" in error["error"]["message"]
+    assert len(lines) > 3 and closed_after < 2.0 + probe_s + 5, closed_after
+    print(f"decode replica frozen mid-stream: stream closed {closed_after - 2.0:.1f} s after the freeze")
     cluster.wait_for_replicas("DecodeServer", 2)
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from deployments.api.phases import DeadlineExceeded, Overloaded
+from deployments.api.phases import DeadlineExceeded, Overloaded, Unresponsive
 from deployments.api.requests import inspect
 from deployments.api.trace import Trace
 from deployments.outcomes import Failure, Route, RouteReason
@@ -26,9 +26,12 @@ from tests.fakes import (
     ERROR_5XX,
     FAKE_DECODE_NODE,
     FAKE_PREFILL_NODE,
+    FROZEN,
     KV_RECOMPUTED,
     KV_TIMEOUT,
     OK,
+    SLOW_FIRST,
+    SLOW_FIRST_S,
     STALL,
     STALL_MID_STREAM,
     FakePool,
@@ -223,6 +226,52 @@ def test_decode_replica_death_before_first_token_is_retried_with_the_same_handof
     replies, trace = serve(fake_ingress(prefill, decode, FAST), LONG)
     assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.calls[1][1].kv_transfer_params is not None
     assert trace.route is Route.DISAGGREGATED and trace.fallbacks == [Failure.DECODE_REPLICA_DIED]
+
+
+PROBED = {"routing": FAST["routing"] | {"decode_probe_interval_s": 0.05}}
+
+
+def test_frozen_decode_replica_before_first_token_is_probed_then_retried_with_the_same_handoff():
+    """A decode replica frozen before it even tags the stream (SIGSTOP, a hung node): after one probe interval of
+    silence its probe gets no answer; the request goes to another replica with the same hand-off, not after the
+    end-to-end deadline."""
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [FROZEN]
+    decode.loads["d2"] = ReplicaLoad(num_running=1)
+    ingress = fake_ingress(prefill, decode, PROBED)
+    t0 = time.monotonic()
+    replies, trace = serve(ingress, LONG, timeout_s=30)
+    assert time.monotonic() - t0 < 0.05 + 0.05 + 0.5  # interval + probe + slack
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d2"
+    assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.calls[1][1].kv_transfer_params is not None
+    assert decode.probes == ["d1"] and decode.cancelled >= 1
+    assert trace.route is Route.DISAGGREGATED and trace.fallbacks == [Failure.DECODE_REPLICA_UNRESPONSIVE]
+    assert ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
+
+
+def test_slow_decode_replica_that_answers_its_probes_is_waited_for():
+    """A replica slow to its first token (a long local prefill, a queue) but alive: probed while silent, it answers,
+    so the request stays there: no retry, no breaker failure."""
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [SLOW_FIRST]
+    decode.probe_answers["d1"] = 3
+    ingress = fake_ingress(prefill, decode, PROBED)
+    replies, trace = serve(ingress, SHORT, timeout_s=30)
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d1"
+    assert len(decode.probes) >= SLOW_FIRST_S / 0.05 / 2 and set(decode.probes) == {"d1"}
+    assert [r for r, _ in decode.calls] == ["d1"] and trace.fallbacks == []
+    assert ingress.decode.pool.breaker.state("d1") is BreakerState.CLOSED
+
+
+def test_decode_replica_frozen_mid_stream_ends_the_stream_and_counts_against_it():
+    prefill, decode = pools()
+    decode.script["d1"] = [STALL_MID_STREAM]
+    ingress = fake_ingress(prefill, decode, PROBED)
+    t0 = time.monotonic()
+    with pytest.raises(Unresponsive):
+        serve(ingress, SHORT | {"stream": True}, timeout_s=30)
+    assert time.monotonic() - t0 < 0.5
+    assert decode.probes == ["d1"] and ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
 
 
 def test_decode_client_error_goes_to_the_client_once():

@@ -8,7 +8,10 @@ phase is ``Ingress.serve_request``'s. Failure rules:
   another replica, never the same one; with none left the decode replica prefills locally. A prefill-only run
   refused with 4xx also falls back: the decode engine judges the client's own request.
 - decode: a replica that died or answered 5xx before its first token is a failure, retried on another one;
-  4xx goes to the client; after the first token a broken stream ends with an error event (ingress.py).
+  4xx goes to the client; after the first token a broken stream ends with an error event (ingress.py). A
+  stream that stays silent (before or after its first token) gets its replica probed directly every
+  ``decode_probe_interval_s``: a replica that answers is busy (a long prefill, a queue) and is waited for; one that
+  does not is frozen or cut off, a replica failure, handled as if it had died.
 - every wait is bounded by the request's end-to-end deadline.
 """
 
@@ -45,6 +48,10 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The request's end-to-end deadline passed while it was streaming."""
+
+
+class Unresponsive(Exception):
+    """A decode replica's stream went silent and the replica did not answer a direct probe: frozen or cut off."""
 
 
 class InFlight:
@@ -210,16 +217,22 @@ class DecodePhase:
 
     async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
         stream = self.handle.generate.remote(req, route=route)
+        replica = route.target  # until the replica's tag names it (None: Serve's router chose, unknown until then)
         try:
-            tag = await asyncio.wait_for(anext(stream), trace.remaining_s())
-            first = await asyncio.wait_for(anext(stream), trace.remaining_s())
+            tag = await self._next(stream, replica, trace)
+            replica = tag.replica if isinstance(tag, ReplicaTag) else replica
+            first = await self._next(stream, replica, trace)
             if isinstance(first, PullRecomputed):  # the engine computed the prompt itself: say so, then go on
                 logger.warning("%s: KV pull on %s failed inside vLLM; the prompt was recomputed (%d of %d tokens "
                                "not computed)", trace.request_id, route.target, first.num_cached_tokens,
                                first.num_prompt_tokens)
                 trace.fallbacks.append(Failure.KV_RECOMPUTED)
                 trace.prefill_locally(RouteReason.KV_RECOMPUTED)
-                first = await asyncio.wait_for(anext(stream), trace.remaining_s())
+                first = await self._next(stream, replica, trace)
+        except Unresponsive:
+            stream.cancel()
+            return AttemptResult(Verdict.RETRY, failure=Failure.DECODE_REPLICA_UNRESPONSIVE, replica_at_fault=True,
+                                 replica=replica)
         except asyncio.CancelledError:
             stream.cancel()
             raise
@@ -247,18 +260,47 @@ class DecodePhase:
                                  replica=tag.replica)
         return AttemptResult(Verdict.DONE, value=DecodeStream(first, stream, route.target), replica=tag.replica)
 
+    async def _next(self, stream: Any, replica: str | None, trace: Trace) -> Any:
+        """The stream's next item, within the request's deadline (else TimeoutError). While the stream is silent its
+        replica is asked directly, every ``decode_probe_interval_s``, whether it is alive: one that answers is busy
+        (a long prefill, a queue) and is waited for; one that does not is frozen or cut off (``Unresponsive``)."""
+        pending = asyncio.ensure_future(anext(stream))
+        try:
+            while True:
+                wait_s = trace.remaining_s()
+                if replica is not None:
+                    wait_s = min(wait_s, self.settings.decode_probe_interval_s)
+                done, _ = await asyncio.wait({pending}, timeout=max(wait_s, 0))
+                if done:
+                    return pending.result()
+                if trace.remaining_s() <= 0:
+                    raise TimeoutError
+                silent_s = time.monotonic()
+                held = await self.pool.probe(replica, self.settings.replica_probe_timeout_s)
+                if held is None and not pending.done():
+                    logger.warning("%s: decode on %s silent for %.1f s and no answer to a probe in %.1f s: frozen or "
+                                   "cut off", trace.request_id, replica, self.settings.decode_probe_interval_s,
+                                   time.monotonic() - silent_s)
+                    raise Unresponsive(replica)
+        finally:
+            pending.cancel()  # a no-op when it finished
+
     async def relay(self, started: DecodeStream, trace: Trace) -> AsyncIterator[JsonReply | str]:
         """The first reply, then the rest of the stream, all within the request's end-to-end deadline."""
         try:
             yield started.first
             while True:
                 try:
-                    item = await asyncio.wait_for(anext(started.rest), trace.remaining_s())
+                    item = await self._next(started.rest, trace.decode_replica, trace)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
                     trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)
                     raise DeadlineExceeded(f"request deadline of {trace.timeout_s:.0f} s exceeded") from None
+                except Unresponsive:  # ingress.py ends the stream with an error event
+                    self.pool.breaker.record_failure(trace.decode_replica)
+                    trace.fallbacks.append(Failure.DECODE_REPLICA_UNRESPONSIVE)
+                    raise
                 yield item
         finally:
             started.rest.cancel()  # no-op when finished; aborts the engine request when the client left early
