@@ -150,13 +150,13 @@ def _ray_start(topo: Topology, node: NodeSpec, ray_bin: str, env: dict[str, str]
     else:
         argv += [f"--address={topo.address(topo.head)}:{RAY_PORT}"]
     done = subprocess.run(in_namespace(namespace(node), argv), capture_output=True, text=True,
-                          env=os.environ | env)
+                          env=env | os.environ)
     if done.returncode != 0:
         raise RuntimeError(f"ray start on node {node.name} failed:\n{done.stderr[-2000:]}")
 
 
 def start(topo: Topology, ray_bin: str, env: dict[str, str] | None = None) -> dict:
-    """Namespaces, bridge and one Ray node per namespace (with ``env`` added to their environment); returns the
+    """Namespaces, bridge and one Ray node per namespace (with ``env`` added to their environment, where it does not set those variables itself); returns the
     state ``stop`` needs."""
     state = {"bridge": topo.bridge, "namespaces": [namespace(n) for n in topo.nodes],
              "veths": [veth_name(topo, i) for i in range(len(topo.nodes))],

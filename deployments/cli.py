@@ -49,7 +49,7 @@ def _connect(start_if_missing: bool, num_cpus: int) -> bool:
     subprocess.run(
         [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
          "--disable-usage-stats", "--include-dashboard=false"],
-        check=True, stdout=subprocess.DEVNULL, env=os.environ | RAY_NODE_ENV,
+        check=True, stdout=subprocess.DEVNULL, env=RAY_NODE_ENV | os.environ,
     )
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     return True

@@ -145,6 +145,33 @@ def test_api_key_check():
     assert not auth.needs_key("/health") and not auth.needs_key("/v10")
 
 
+def test_api_key_middleware_refuses_before_the_app_and_streams_through_untouched(monkeypatch):
+    """The ingress's ASGI middleware on a stand-in app: 401 without reaching it; with the key (or on /health, or
+    under a route prefix) the app's streamed body passes chunk by chunk."""
+    from starlette.responses import StreamingResponse
+    from starlette.testclient import TestClient
+
+    from deployments.api.ingress import RequireApiKey
+    from deployments.settings import API_KEY_ENV
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await StreamingResponse(iter(["a", "b", "c"]), media_type="text/event-stream")(scope, receive, send)
+
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    client = TestClient(RequireApiKey(app))
+    refused = client.post("/v1/completions", json={})
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer" and reached == []
+    assert refused.json()["error"]["type"] == "AuthenticationError"
+    ok = client.post("/v1/completions", json={}, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.text == "abc"
+    assert client.get("/health").status_code == 200
+    assert TestClient(RequireApiKey(app), root_path="/colocated").get("/colocated/v1/models").status_code == 401
+    assert reached == ["/v1/completions", "/health"]
+
+
 def test_server_errors_hide_internal_text():
     leaky = ErrorReply(500, "ActorDiedError: actor 4f2a9c at 10.1.2.3:4321 died", "InternalServerError")
     shown = public(leaky, "req-1")

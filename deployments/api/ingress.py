@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..metrics import metrics, record_request
@@ -57,17 +58,27 @@ def public(err: ErrorReply, request_id: str) -> ErrorReply:
     return ErrorReply(err.status, f"internal server error (request id {request_id})", "InternalServerError")
 
 
-@api.middleware("http")
-async def require_api_key(request: Request, call_next):
-    path = request.scope.get("path", "")
-    root = request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
-    if auth.needs_key(path):
-        refused = auth.check(request.headers.get("authorization"), auth.api_key())
-        if refused is not None:
-            return error_response(refused, {"www-authenticate": "Bearer"})
-    return await call_next(request)
+class RequireApiKey:
+    """The API key check as plain ASGI middleware: a request passes straight through to the app (Starlette's
+    ``@app.middleware("http")`` would relay every streamed chunk through an extra task and queue)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if auth.needs_key(path):
+                refused = auth.check(Headers(scope=scope).get("authorization"), auth.api_key())
+                if refused is not None:
+                    await error_response(refused, {"www-authenticate": "Bearer"})(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(RequireApiKey)
 
 
 @api.exception_handler(StarletteHTTPException)
