@@ -8,11 +8,14 @@ one thread, bound to core 0), and sends the same short prompts one at a time (st
 - ``pdserve``: pdserve's colocated app as deployed by default: HTTP → ingress replica → engine replica → engine.
 - ``pdserve-handle``: the same engine replica called through a Serve handle from this process (the engine replica
   and the handle's stream, without the HTTP front and the ingress): where the time between the two goes.
+- ``pdserve-serve-threads`` (``--serve-threads``): pdserve's app with Serve's default threading (each replica's code
+  and each handle's router on an event loop of its own thread; pdserve's node env puts both on the replica's main
+  loop): what that choice gains.
 - ``pdserve-direct-ingress`` (``--direct-ingress``): pdserve's app with Ray Serve's experimental direct ingress
   (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the ingress replica serves HTTP itself, no proxy actor and no proxy →
   ingress hop.
 
-    python -m loadtests.overhead --num-requests 30 --out docs/benchmarks      (or: make bench-overhead)
+    python -m loadtests.overhead --num-requests 30 --serve-threads --out docs/benchmarks    (or: make bench-overhead)
 
 Prints and writes (``<out>/overhead.md``, ``overhead.json``) TTFT, TPOT and E2E p50 per setup and each one's ratio
 to the bare engine. The target: pdserve within 1.1x of vLLM's server on TTFT p50 and TPOT p50.
@@ -144,6 +147,7 @@ def summary(samples: list[RequestSample]) -> dict[str, float]:
 
 
 # Ray Serve's experimental direct ingress: the ingress replica listens itself, from port 8000 (no proxy runs there).
+SERVE_THREADS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
 DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8000"}
 
 
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--direct-ingress", action="store_true", help="also run pdserve with Serve's direct ingress")
+    p.add_argument("--serve-threads", action="store_true", help="also run pdserve with Serve's default threading")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     _say("pdserve colocated")
     http, handle = run_pdserve(texts, warmup, args.max_tokens, out)
     results["pdserve"], results["pdserve-handle"] = summary(http), summary(handle)
+    if args.serve_threads:
+        _say("pdserve colocated, Serve's default threading")
+        http, _ = run_pdserve(texts, warmup, args.max_tokens, out, env=SERVE_THREADS_ENV, with_handle=False)
+        results["pdserve-serve-threads"] = summary(http)
     if args.direct_ingress:
         _say("pdserve colocated, Serve's direct ingress")
         try:
