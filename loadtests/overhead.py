@@ -1,10 +1,12 @@
 """Serving overhead: pdserve against the bare engine, one request at a time, hop by hop.
 
-Starts each server fresh, one after the other, on the same core with the same engine arguments (one eager engine,
-one thread, bound to core 0), and sends the same short prompts one at a time (streaming completions, greedy,
-``ignore_eos``):
+Runs vLLM's own OpenAI server (``vllm serve``, the baseline) for the whole run and, one after the other, each
+pdserve setup beside it, every engine with the same arguments (one eager engine, one thread, bound to core 0). The
+short prompts go one at a time, alternating between the baseline and the setup (streaming completions, greedy,
+``ignore_eos``; each engine sees each prompt once): whatever else the machine does in a minute hits both alike,
+and each setup's ratio is to the baseline's requests interleaved with its own. Setups:
 
-- ``vllm``: vLLM's own OpenAI server (``vllm serve``): the baseline.
+- ``vllm``: the baseline alone, before any pdserve setup started.
 - ``pdserve``: pdserve's colocated app as deployed by default: HTTP → ingress replica → engine replica → engine.
 - ``pdserve-handle``: the same engine replica called through a Serve handle from this process (the engine replica
   and the handle's stream, without the HTTP front and the ingress): where the time between the two goes.
@@ -17,8 +19,8 @@ one thread, bound to core 0), and sends the same short prompts one at a time (st
 
     python -m loadtests.overhead --num-requests 30 --serve-threads --out docs/benchmarks    (or: make bench-overhead)
 
-Prints and writes (``<out>/overhead.md``, ``overhead.json``) TTFT, TPOT and E2E p50 per setup and each one's ratio
-to the bare engine. The target: pdserve within 1.1x of vLLM's server on TTFT p50 and TPOT p50.
+Prints and writes (``<out>/overhead.md``, ``overhead.json``) TTFT, TPOT and E2E p50 per setup, the baseline's
+p50s over the same stretch, and the ratios. The target: pdserve within 1.1x of vLLM's server on TTFT p50 and TPOT p50.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,20 +92,13 @@ def _engine_args(enforce_eager: bool | None = None) -> tuple[list[str], dict[str
 
 
 def measure(base_url: str, texts: list[str], max_tokens: int, headers: dict | None = None) -> list[RequestSample]:
-    session = requests.Session()
-    session.headers.update(headers or {})
-    out = []
-    for text in texts:
-        body = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
-        out.append(stream_request(session, f"{base_url}/v1/completions", body, sample, timeout_s=120))
-    return out
+    one = sample_http(base_url, max_tokens, headers)
+    return [one(text) for text in texts]
 
 
-def measure_handle(texts: list[str], warmup: list[str], max_tokens: int) -> list[RequestSample]:
-    """The engine replica through a Serve handle from this process: its replies' SSE chunks timed here (after the
-    unmeasured ``warmup`` prompts: this process's handle and router start with the first one)."""
+def handle_sampler(max_tokens: int) -> Callable[[str], RequestSample]:
+    """Sends one prompt to pdserve's engine replica through a Serve handle from this process and times its SSE
+    chunks here. Connects this process to the running cluster (once per process)."""
     import ray
     from ray import serve
 
@@ -111,8 +106,8 @@ def measure_handle(texts: list[str], warmup: list[str], max_tokens: int) -> list
 
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     handle = serve.get_deployment_handle("ColocatedServer", "pdserve").options(stream=True)
-    out = []
-    for text in warmup + texts:
+
+    def one(text: str) -> RequestSample:
         body = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
@@ -133,9 +128,8 @@ def measure_handle(texts: list[str], warmup: list[str], max_tokens: int) -> list
                     sample.num_output_tokens += 1
         sample.e2e_s = time.perf_counter() - start
         sample.ok = True
-        out.append(sample)
-    ray.shutdown()
-    return out[len(warmup):]
+        return sample
+    return one
 
 
 def summary(samples: list[RequestSample]) -> dict[str, float]:
@@ -175,42 +169,52 @@ def bare_server(out: Path, enforce_eager: bool | None = None) -> Iterator[tuple[
             proc.wait(60)
 
 
-def run_bare(texts: list[str], warmup: list[str], max_tokens: int, out: Path) -> list[RequestSample]:
-    with bare_server(out) as (url, _):
-        measure(url, warmup, max_tokens)
-        return measure(url, texts, max_tokens)
+def sample_http(base_url: str, max_tokens: int, headers: dict | None = None) -> Callable[[str], RequestSample]:
+    """Sends one prompt to an OpenAI server and times it."""
+    session = requests.Session()
+    session.headers.update(headers or {})
+
+    def one(text: str) -> RequestSample:
+        body = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        sample = RequestSample(category="short", endpoint="completions", sent_at_s=0.0)
+        return stream_request(session, f"{base_url}/v1/completions", body, sample, timeout_s=120)
+    return one
 
 
-def run_pdserve(texts: list[str], warmup: list[str], max_tokens: int, out: Path, env: dict | None = None,
-                with_handle: bool = True) -> tuple[list[RequestSample], list[RequestSample]]:
-    """(through HTTP, through a Serve handle) on pdserve's colocated app: one replica, core 0. The handle part runs
-    once per process: a second in-process Serve connection keeps routing to the first cluster's replicas."""
+def interleaved(baseline: Callable[[str], RequestSample], setup: Callable[[str], RequestSample],
+                batch: tuple[list[str], list[str]]) -> tuple[list[RequestSample], list[RequestSample]]:
+    """(baseline's, setup's) samples of ``batch`` = (warmup, measured): the setup gets the warmup unmeasured (the
+    baseline is warm), then each measured text goes to one, then the other."""
+    warmup, texts = batch
+    for text in warmup:
+        setup(text)
+    pairs = [(baseline(text), setup(text)) for text in texts]
+    return [b for b, _ in pairs], [s for _, s in pairs]
+
+
+@contextmanager
+def pdserve_colocated(out: Path, env: dict | None = None) -> Iterator[str]:
+    """pdserve's colocated app (one replica, core 0) with ``env`` added to its nodes' environment: its URL."""
     doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
     config = out / "overhead-colocated.yaml"
     config.write_text(yaml.safe_dump(doc))
-    key = os.environ.get("PDSERVE_API_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
     _pdserve("down")
     _pdserve("up", "--config", str(config), env=env)
     try:
-        measure("http://127.0.0.1:8000", warmup, max_tokens, headers)
-        http = measure("http://127.0.0.1:8000", texts, max_tokens, headers)
-        if not with_handle:
-            return http, []
-        fresh = prompts(len(texts) + len(warmup), len(texts[0].split()) - 1, first=len(texts) + len(warmup))
-        return http, measure_handle(fresh[len(warmup):], fresh[:len(warmup)], max_tokens)  # prompts it has not seen
+        yield "http://127.0.0.1:8000"
     finally:
         _pdserve("down")
 
 
-def table(results: dict[str, dict[str, float]], base: str = "vllm") -> str:
-    ref = results[base]
-    rows = ["| setup | TTFT p50 (ms) | TPOT p50 (ms) | E2E p50 (ms) | TTFT ratio | TPOT ratio | E2E ratio |",
-            "|---|---|---|---|---|---|---|"]
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    rows = ["| setup | TTFT p50 (ms) | vLLM TTFT p50 (ms) | TTFT ratio | TPOT p50 (ms) | vLLM TPOT p50 (ms) "
+            "| TPOT ratio | E2E ratio |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['ttft_p50_ms']:.1f} | {r['tpot_p50_ms']:.1f} | {r['e2e_p50_ms']:.1f} | "
-                    f"{r['ttft_p50_ms'] / ref['ttft_p50_ms']:.2f} | {r['tpot_p50_ms'] / ref['tpot_p50_ms']:.2f} | "
-                    f"{r['e2e_p50_ms'] / ref['e2e_p50_ms']:.2f} |")
+        s, b = r["setup"], r["baseline"]
+        rows.append(f"| {name} | {s['ttft_p50_ms']:.1f} | {b['ttft_p50_ms']:.1f} | "
+                    f"{s['ttft_p50_ms'] / b['ttft_p50_ms']:.2f} | {s['tpot_p50_ms']:.1f} | {b['tpot_p50_ms']:.1f} | "
+                    f"{s['tpot_p50_ms'] / b['tpot_p50_ms']:.2f} | {s['e2e_p50_ms'] / b['e2e_p50_ms']:.2f} |")
     return "\n".join(rows)
 
 
@@ -227,25 +231,47 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    texts = prompts(args.num_requests + 3, args.prompt_words)
-    warmup, texts = texts[:3], texts[3:]
-    results: dict[str, dict[str, float]] = {}
-    _say("vLLM's own server")
-    results["vllm"] = summary(run_bare(texts, warmup, args.max_tokens, out))
-    _say("pdserve colocated")
-    http, handle = run_pdserve(texts, warmup, args.max_tokens, out)
-    results["pdserve"], results["pdserve-handle"] = summary(http), summary(handle)
+    key = os.environ.get("PDSERVE_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    setups = [("pdserve", None)]
     if args.serve_threads:
-        _say("pdserve colocated, Serve's default threading")
-        http, _ = run_pdserve(texts, warmup, args.max_tokens, out, env=SERVE_THREADS_ENV, with_handle=False)
-        results["pdserve-serve-threads"] = summary(http)
+        setups.append(("pdserve-serve-threads", SERVE_THREADS_ENV))
     if args.direct_ingress:
-        _say("pdserve colocated, Serve's direct ingress")
-        try:
-            http, _ = run_pdserve(texts, warmup, args.max_tokens, out, env=DIRECT_INGRESS_ENV, with_handle=False)
-            results["pdserve-direct-ingress"] = summary(http)
-        except Exception as exc:  # experimental in Ray: say what failed, keep the other rows
-            _say(f"direct ingress failed: {exc!r}")
+        setups.append(("pdserve-direct-ingress", DIRECT_INGRESS_ENV))
+    n, first = args.num_requests + 3, 0
+
+    def batch() -> tuple[list[str], list[str]]:  # (warmup, measured): prompts no engine here saw before
+        nonlocal first
+        texts = prompts(n, args.prompt_words, first=first)
+        first += n
+        return texts[:3], texts[3:]
+
+    import ray
+
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with bare_server(out) as (bare_url, _):
+        _say("vLLM's own server, alone")
+        bare = sample_http(bare_url, args.max_tokens)
+        warmup, texts = batch()
+        for text in warmup:
+            bare(text)
+        alone = summary([bare(text) for text in texts])
+        results["vllm"] = {"setup": alone, "baseline": alone}
+        for name, env in setups:
+            _say(f"{name}, interleaved with vLLM's own server")
+            try:
+                with pdserve_colocated(out, env) as url:
+                    base, setup = interleaved(bare, sample_http(url, args.max_tokens, headers), batch())
+                    results[name] = {"setup": summary(setup), "baseline": summary(base)}
+                    if name == "pdserve":  # once per process: a second Serve connection keeps the first's replicas
+                        _say("pdserve's engine replica through a Serve handle, interleaved with vLLM's own server")
+                        base, setup = interleaved(bare, handle_sampler(args.max_tokens), batch())
+                        results["pdserve-handle"] = {"setup": summary(setup), "baseline": summary(base)}
+                        ray.shutdown()
+            except Exception as exc:  # Serve's experimental modes: say what failed, keep the other rows
+                if env is None:
+                    raise
+                _say(f"{name} failed: {exc!r}")
     md = table(results)
     (out / "overhead.json").write_text(json.dumps(results, indent=1))
     (out / "overhead.md").write_text(md + "\n")
