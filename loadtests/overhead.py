@@ -182,6 +182,12 @@ def sample_http(base_url: str, max_tokens: int, headers: dict | None = None) -> 
     return one
 
 
+# Between two interleaved requests: longer than the 1 s vLLM's engine processes keep spinning after their last step
+# (SpinCondition.busy_loop_s; pdserve's engines do not spin), so that neither setup's request starts while the other's
+# engine still spins on the shared core.
+PAUSE_S = 1.5
+
+
 def interleaved(baseline: Callable[[str], RequestSample], setup: Callable[[str], RequestSample],
                 batch: tuple[list[str], list[str]]) -> tuple[list[RequestSample], list[RequestSample]]:
     """(baseline's, setup's) samples of ``batch`` = (warmup, measured): the setup gets the warmup unmeasured (the
@@ -189,7 +195,11 @@ def interleaved(baseline: Callable[[str], RequestSample], setup: Callable[[str],
     warmup, texts = batch
     for text in warmup:
         setup(text)
-    pairs = [(baseline(text), setup(text)) for text in texts]
+
+    def after_pause(send: Callable[[str], RequestSample], text: str) -> RequestSample:
+        time.sleep(PAUSE_S)
+        return send(text)
+    pairs = [(after_pause(baseline, text), after_pause(setup, text)) for text in texts]
     return [b for b, _ in pairs], [s for _, s in pairs]
 
 
