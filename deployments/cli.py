@@ -32,37 +32,8 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def _cores(spec: str) -> set[int] | None:
-    """The cores of a ``cpu_bind`` entry ('0', '0-3,6'); None for any other form of VLLM_CPU_OMP_THREADS_BIND."""
-    cores: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or not (hi or lo).isdigit():
-            return None
-        cores.update(range(int(lo), int(hi or lo) + 1))
-    return cores
-
-
-def spare_cores(settings: list, allowed: set[int]) -> set[int] | None:
-    """The ``allowed`` cores no engine binds, when engines bind some and leave some: Ray's own processes (GCS, raylet,
-    Serve's controller and proxy, the ingress, every replica's non-engine threads) run there, so that their
-    background work never preempts an engine. None: no such split (nothing bound, an unreadable bind, or every core
-    bound)."""
-    bound: set[int] = set()
-    for s in settings:
-        for pool in (s.prefill, s.decode, s.colocated, s.elastic):
-            for spec in pool.cpu_bind if pool else ():
-                cores = _cores(spec)
-                if cores is None:
-                    return None
-                bound |= cores
-    spare = allowed - bound
-    return spare if bound and spare else None
-
-
-def _connect(start_if_missing: bool, num_cpus: int, ray_cores: set[int] | None = None) -> bool:
-    """Connect to RAY_ADDRESS or a running local cluster; start a local head if asked (its processes on
-    ``ray_cores``, if given). True if started."""
+def _connect(start_if_missing: bool, num_cpus: int) -> bool:
+    """Connect to RAY_ADDRESS or a running local cluster; start a local head if asked. True if started."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
@@ -75,18 +46,11 @@ def _connect(start_if_missing: bool, num_cpus: int, ray_cores: set[int] | None =
     except ConnectionError:
         pass
     _say(f"starting a local Ray head ({num_cpus} logical CPUs, metrics on :{METRICS_PORT})")
-    own = os.sched_getaffinity(0)
-    if ray_cores:
-        _say(f"Ray's own processes on cores {sorted(ray_cores)}, the engines' cores left to the engines")
-        os.sched_setaffinity(0, ray_cores)  # inherited by the head and every process it starts
-    try:
-        subprocess.run(
-            [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
-             "--disable-usage-stats", "--include-dashboard=false"],
-            check=True, stdout=subprocess.DEVNULL, env=RAY_NODE_ENV | os.environ,
-        )
-    finally:
-        os.sched_setaffinity(0, own)
+    subprocess.run(
+        [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
+         "--disable-usage-stats", "--include-dashboard=false"],
+        check=True, stdout=subprocess.DEVNULL, env=RAY_NODE_ENV | os.environ,
+    )
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     return True
 
@@ -197,7 +161,7 @@ def cmd_up(args) -> int:
 
     from .app import build_app
 
-    started = _connect(True, args.num_cpus, spare_cores([s for _, s in apps], os.sched_getaffinity(0)))
+    started = _connect(True, args.num_cpus)
     state = {"started_head": started, "apps": [a.name for a, _ in apps]}
     if _state_file().exists():
         old = json.loads(_state_file().read_text())

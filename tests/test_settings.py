@@ -25,24 +25,6 @@ def test_local_disaggregated_binds_prefill_and_decode_to_different_cores():
     assert s.prefill.bind_for(0) != s.decode.bind_for(0)
 
 
-def test_ray_gets_the_cores_no_engine_binds():
-    """`pdserve up` starts its Ray head on the cores the engines leave free, when they leave some."""
-    from deployments.cli import spare_cores
-
-    def cfg(name):
-        return [s for _, s in load_serve_config(CLUSTER / name)]
-    assert spare_cores(cfg("local-colocated.yaml"), {0, 1}) == {1}  # the engine on core 0
-    assert spare_cores(cfg("local-colocated.yaml"), {0, 1, 2, 3}) == {1, 2, 3}
-    assert spare_cores(cfg("local-disaggregated.yaml"), {0, 1}) is None  # both cores bound: no split
-    assert spare_cores(cfg("local-elastic.yaml"), {0, 1, 2}) == {2}
-    ranges = parse_settings({"mode": "colocated", "colocated": {"cpu_bind": ["0-2,5", "6"]}})
-    assert spare_cores([ranges], set(range(8))) == {3, 4, 7}
-    unbound = parse_settings({"mode": "colocated", "colocated": {}})
-    assert spare_cores([unbound], {0, 1}) is None
-    auto = parse_settings({"mode": "colocated", "colocated": {"cpu_bind": ["auto"]}})
-    assert spare_cores([auto], {0, 1}) is None
-
-
 def test_unknown_field_is_named():
     with pytest.raises(SettingsError, match=r"engine\.max_model_lenn: Extra inputs are not permitted"):
         parse_settings({"mode": "colocated", "colocated": {}, "engine": {"max_model_lenn": 10}})
