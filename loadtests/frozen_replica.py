@@ -14,6 +14,7 @@ Exits 1 if a request outside the frozen phase failed, or any request took longer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [send(client, args.base, args.model, "frozen", i) for i in range(args.num_requests)]
         finally:
             for q in procs:
-                q.send_signal(signal.SIGCONT)
+                with contextlib.suppress(psutil.NoSuchProcess):  # Serve replaced it (failed health checks)
+                    q.send_signal(signal.SIGCONT)
         time.sleep(20)  # past the breaker's cooldown: the replica is probed back
         rows += [send(client, args.base, args.model, "thawed", i) for i in range(args.num_requests)]
     out = Path(args.out or f"docs/reliability/frozen-{args.pool}.json")

@@ -5,6 +5,7 @@ Runs after the output tests (file order): some tests kill replicas, and Serve ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -156,6 +157,13 @@ def _process_group(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def _signal(procs: list[psutil.Process], sig: int) -> None:
+    """Each process that still lives (Serve force-stops a replica frozen past its health check timeout)."""
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
 def test_frozen_prefill_replica_hangs_no_request(cluster):
     """SIGSTOP a prefill replica and its engine (a hung node): requests finish via retry or local prefill."""
     victim = cluster.replicas("PrefillServer")[0]
@@ -280,8 +288,7 @@ def test_frozen_decode_replica_before_first_token_hangs_no_request(cluster):
     probe_s = ROUTING.decode_probe_interval_s + ROUTING.replica_probe_timeout_s
     victim = cluster.replicas("DecodeServer")[0]
     procs = _process_group(victim.pid)
-    for p in procs:
-        p.send_signal(signal.SIGSTOP)
+    _signal(procs, signal.SIGSTOP)
     try:
         prompts = [tagged(f"dfreeze-{i}-{uuid.uuid4().hex[:6]}", SHORT if i % 2 else LONG) for i in range(6)]
         resps, times = _burst(cluster, prompts)
@@ -292,8 +299,7 @@ def test_frozen_decode_replica_before_first_token_hangs_no_request(cluster):
         assert max(times) < 2 * probe_s + 30, times  # at most two probes (breaker threshold), then the work itself
         print(f"frozen decode replica: {len(retried)} of 6 retried, max {max(times):.1f} s")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
+        _signal(procs, signal.SIGCONT)
     cluster.wait_for_replicas("DecodeServer", 2)
 
 
@@ -308,7 +314,7 @@ def test_decode_replica_frozen_mid_stream_ends_the_stream_cleanly(cluster):
             client.stream("POST", cluster.pd + "/completions", json=body) as resp:
         victim = next(r for r in cluster.replicas("DecodeServer") if r.id == resp.headers["x-pdserve-decode-replica"])
         procs = _process_group(victim.pid)
-        freezer = threading.Timer(2.0, lambda: [p.send_signal(signal.SIGSTOP) for p in procs])
+        freezer = threading.Timer(2.0, _signal, (procs, signal.SIGSTOP))
         t0 = time.monotonic()
         freezer.start()
         try:
@@ -316,8 +322,7 @@ def test_decode_replica_frozen_mid_stream_ends_the_stream_cleanly(cluster):
             closed_after = time.monotonic() - t0
         finally:
             freezer.join()
-            for p in procs:
-                p.send_signal(signal.SIGCONT)
+            _signal(procs, signal.SIGCONT)
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][len("data: "):])
     assert error["error"]["code"] == 503 and "interrupted" in error["error"]["message"]
