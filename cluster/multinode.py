@@ -156,8 +156,8 @@ def _ray_start(topo: Topology, node: NodeSpec, ray_bin: str, env: dict[str, str]
 
 
 def start(topo: Topology, ray_bin: str, env: dict[str, str] | None = None) -> dict:
-    """Namespaces, bridge and one Ray node per namespace (with ``env`` added to their environment, where it does not set those variables itself); returns the
-    state ``stop`` needs."""
+    """Namespaces, bridge and one Ray node per namespace (with ``env`` added to their environment, where it does not
+    set those variables itself); returns the state ``stop`` needs."""
     state = {"bridge": topo.bridge, "namespaces": [namespace(n) for n in topo.nodes],
              "veths": [veth_name(topo, i) for i in range(len(topo.nodes))],
              "temp_dirs": [temp_dir(n) for n in topo.nodes],
