@@ -23,17 +23,18 @@ def _restore_vllm(monkeypatch):
         monkeypatch.delenv(env, raising=False)
 
 
+# One context for the module's readers, never terminated: libzmq's context teardown right after inproc sockets
+# closed has aborted the process now and then (as vLLM does, the process's exit cleans up).
+_ZMQ = zmq.Context()
+
+
 def _reader_busy_loop_s() -> float:
-    ctx = zmq.Context()
+    cond = shm_broadcast.SpinCondition(is_reader=True, context=_ZMQ, notify_address="inproc://pdserve-test")
     try:
-        cond = shm_broadcast.SpinCondition(is_reader=True, context=ctx, notify_address="inproc://pdserve-test")
-        value = cond.busy_loop_s
-        cond.local_notify_socket.close(0)
-        cond.read_cancel_socket.close(0)
-        cond.write_cancel_socket.close(0)
-        return value
+        return cond.busy_loop_s
     finally:
-        ctx.term()
+        for sock in (cond.local_notify_socket, cond.read_cancel_socket, cond.write_cancel_socket):
+            sock.close(0)
 
 
 def test_vllm_spins_a_second_by_default():
