@@ -20,15 +20,14 @@ DEFAULT_MODEL = "default"
 # Environment variable holding the API key (read by the ingress replica; `pdserve up` passes it on).
 API_KEY_ENV = "PDSERVE_API_KEY"
 # Environment of the Ray nodes pdserve starts (and of the chart's Ray containers); a variable already set in the
-# environment wins.
-# - Serve stops a replica that failed its health check gracefully by default, which for a frozen replica means
-#   holding its CPU/GPU until graceful_shutdown_timeout_s (long: a healthy replica leaving drains its in-flight
-#   streams). A replica that failed its health check is force-stopped instead.
-# - Serve runs a replica's code, and a handle's router, each on an event loop of its own thread by default: every
-#   streamed chunk then crosses threads twice per hop. pdserve's code never blocks its loop, so both run on the
-#   replica's main loop (as Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED does): docs/benchmarks.md, serving overhead.
-RAY_NODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# environment wins. Serve stops a replica that failed its health check gracefully by default, which for a frozen
+# replica means holding its CPU/GPU until graceful_shutdown_timeout_s (long: a healthy replica leaving drains its
+# in-flight streams). A replica that failed its health check is force-stopped instead.
+# Serve's threading stays its default (each replica's code and each handle's router on an event loop of its own
+# thread): on the main loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0)
+# one request at a time got ~5% faster, but static PD's goodput on `chat` fell from 1.8 to 1.2 req/s
+# (docs/benchmarks.md, serving overhead).
+RAY_NODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
 
 
 class _Strict(BaseModel):

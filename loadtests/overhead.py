@@ -10,14 +10,14 @@ and each setup's ratio is to the baseline's requests interleaved with its own. S
 - ``pdserve``: pdserve's colocated app as deployed by default: HTTP → ingress replica → engine replica → engine.
 - ``pdserve-handle``: the same engine replica called through a Serve handle from this process (the engine replica
   and the handle's stream, without the HTTP front and the ingress): where the time between the two goes.
-- ``pdserve-serve-threads`` (``--serve-threads``): pdserve's app with Serve's default threading (each replica's code
-  and each handle's router on an event loop of its own thread; pdserve's node env puts both on the replica's main
-  loop): what that choice gains.
+- ``pdserve-main-loop`` (``--main-loop``): pdserve's app with each replica's code and each handle's router on the
+  replica's main event loop (Serve's default: an event loop of their own thread each): what that choice would gain
+  one request at a time (docs/benchmarks.md: it costs goodput under load, so it is not the default).
 - ``pdserve-direct-ingress`` (``--direct-ingress``): pdserve's app with Ray Serve's experimental direct ingress
   (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the ingress replica serves HTTP itself, no proxy actor and no proxy →
   ingress hop.
 
-    python -m loadtests.overhead --num-requests 30 --serve-threads --out docs/benchmarks    (or: make bench-overhead)
+    python -m loadtests.overhead --num-requests 30 --main-loop --out docs/benchmarks    (or: make bench-overhead)
 
 Prints and writes (``<out>/overhead.md``, ``overhead.json``) TTFT, TPOT and E2E p50 per setup, the baseline's
 p50s over the same stretch, and the ratios. The target: pdserve within 1.1x of vLLM's server on TTFT p50 and TPOT p50.
@@ -141,7 +141,7 @@ def summary(samples: list[RequestSample]) -> dict[str, float]:
 
 
 # Ray Serve's experimental direct ingress: the ingress replica listens itself, from port 8000 (no proxy runs there).
-SERVE_THREADS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+MAIN_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8000"}
 
 
@@ -237,15 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--direct-ingress", action="store_true", help="also run pdserve with Serve's direct ingress")
-    p.add_argument("--serve-threads", action="store_true", help="also run pdserve with Serve's default threading")
+    p.add_argument("--main-loop", action="store_true", help="also run pdserve with replica code on the main loop")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = os.environ.get("PDSERVE_API_KEY")
     headers = {"authorization": f"Bearer {key}"} if key else {}
     setups = [("pdserve", None)]
-    if args.serve_threads:
-        setups.append(("pdserve-serve-threads", SERVE_THREADS_ENV))
+    if args.main_loop:
+        setups.append(("pdserve-main-loop", MAIN_LOOP_ENV))
     if args.direct_ingress:
         setups.append(("pdserve-direct-ingress", DIRECT_INGRESS_ENV))
     n, first = args.num_requests + 3, 0

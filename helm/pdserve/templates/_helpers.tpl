@@ -207,15 +207,11 @@ app.kubernetes.io/part-of: pdserve
 {{- end }}
 
 {{/* Env of every Ray container: pdserve's node env (deployments/settings.py RAY_NODE_ENV: a replica that failed its
-   health check is force-stopped, not drained; replica code and routers on the replica's main event loop), the API
-   key (if on), then the user's (which override: the last entry of a name wins). Args: root context. */}}
+   health check is force-stopped, not drained), the API key (if on), then the user's (which override: the last
+   entry of a name wins). Args: root context. */}}
 {{- define "pdserve.env" -}}
 - name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
   value: "1"
-- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
-  value: "0"
-- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
-  value: "0"
 {{- if .Values.apiKey.enabled }}
 - name: PDSERVE_API_KEY
   valueFrom:
