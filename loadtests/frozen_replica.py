@@ -6,8 +6,9 @@ stopped (SIGSTOP: a hung node looks like this), then again after SIGCONT. Prints
 route, reason and fallbacks; writes them to `--out` (JSON). With the default config (one replica per pool):
 - prefill: a frozen prefill costs its deadline (derived from the prompt size and the measured prefill speed) plus
   the probe, once per replica, until the breaker holds it out; then requests prefill locally at once;
-- decode: a request's silent stream costs one probe interval and the probe's timeout; with no other decode
-  replica the client gets 503 then, not after the end-to-end deadline.
+- decode: a request's silent stream costs one probe interval and the probe's timeout, then it is retried; with
+  no other decode replica the retry waits in Serve's queue until Serve replaces the frozen replica (three missed
+  health checks, then an engine start), not until the end-to-end deadline.
 Exits 1 if a request outside the frozen phase failed, or any request took longer than ``--max-s``.
 """
 

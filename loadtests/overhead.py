@@ -140,8 +140,9 @@ def summary(samples: list[RequestSample]) -> dict[str, float]:
             "num_requests": len(samples)}
 
 
-# Ray Serve's experimental direct ingress: the ingress replica listens itself, from port 8000 (no proxy runs there).
+# Each replica's code and each handle's router on the replica's main event loop (not Serve's default).
 MAIN_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Ray Serve's experimental direct ingress: the ingress replica listens itself, from port 8000 (no proxy runs there).
 DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8000"}
 
 

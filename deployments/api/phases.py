@@ -275,12 +275,12 @@ class DecodePhase:
                     return pending.result()
                 if trace.remaining_s() <= 0:
                     raise TimeoutError
-                silent_s = time.monotonic()
+                probed_at = time.monotonic()
                 held = await self.pool.probe(replica, self.settings.replica_probe_timeout_s)
                 if held is None and not pending.done():
                     logger.warning("%s: decode on %s silent for %.1f s and no answer to a probe in %.1f s: frozen or "
                                    "cut off", trace.request_id, replica, self.settings.decode_probe_interval_s,
-                                   time.monotonic() - silent_s)
+                                   time.monotonic() - probed_at)
                     raise Unresponsive(replica)
         finally:
             pending.cancel()  # a no-op when it finished
