@@ -47,15 +47,29 @@ def serve_replicas(app: str | None = None, deployment: str | None = None) -> lis
     return out
 
 
-def replica_stats(app: str, deployment: str, replica: str, timeout_s: float = 60):
-    """That replica's ``EngineStats`` (its engine's counters and gauges, and the replica's pid)."""
+def replica_stats(app: str, deployment: str, replica: str | None, timeout_s: float = 60):
+    """That replica's ``EngineStats`` (its engine's counters and gauges, and the replica's pid); any replica's for
+    ``replica=None``.
+
+    The call is routed to the replica by id; a router that does not know it yet (a replica Serve just started)
+    or no longer (one that is stopping) answers from another replica instead, so the answer's own replica id is
+    checked and the call repeated until the replica asked for answers (else ``LookupError``)."""
     from ray import serve
 
     from deployments.routing import RouteRequest
 
     _connect()
     handle = serve.get_deployment_handle(deployment, app)
-    return handle.stats.remote(route=RouteRequest(target=replica)).result(timeout_s=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = handle.stats.remote(route=RouteRequest(target=replica)).result(
+            timeout_s=max(deadline - time.monotonic(), 1))
+        if replica is None or stats.replica == replica:
+            return stats
+        if time.monotonic() > deadline:
+            raise LookupError(f"{deployment} replica {replica} did not answer within {timeout_s:.0f} s "
+                              f"(replica {stats.replica} did)")
+        time.sleep(0.5)
 
 
 def engine_loads() -> dict[str, dict[str, float]]:

@@ -67,7 +67,7 @@ class Cluster:
         out = []
         for r in serve_replicas(app, deployment):
             try:
-                out.append(Replica(id=r.replica, actor_name=r.actor_name, pid=replica_stats(*r).pid))
+                out.append(Replica(id=r.replica, actor_name=r.actor_name, pid=replica_stats(*r, timeout_s=15).pid))
             except Exception:  # starting or dying: not live
                 continue
         return out
