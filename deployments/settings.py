@@ -158,6 +158,11 @@ class RoutingSettings(_Strict):
         "streams (decode load packed leaves the other engines free to prefill long prompts). None: the pool's "
         "engine max_num_seqs."
     )
+    elastic_pack_itl_fraction: float = Field(
+        0.6, gt=0, le=1, description="Elastic mode: an engine whose streams' measured inter-token latency (the mean "
+        "over its last load report) reaches this fraction of slo.itl_s takes no more streams while another engine "
+        "has room: packing stops where an engine gets slow, whatever its stream count."
+    )
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests queued per pool beyond the replicas' capacity before HTTP 429; -1: no bound."
     )

@@ -120,6 +120,34 @@ def test_elastic_short_prompt_is_served_whole(api):
     assert out == _call(api, f"{BASE}/colocated/v1", "completions", _body("completions", text, False, MODEL))
 
 
+def _routing_stats() -> dict[str, dict]:
+    """Replica id -> what each elastic engine reports to the routers now (Serve's own call, made from a process of
+    its own as in ``_engine_pids``)."""
+    code = ("import json, ray; from loadtests.engines import serve_replicas, _connect; _connect(); "
+            "print(json.dumps({r.replica: ray.get(ray.get_actor(r.actor_name, namespace='serve')"
+            ".record_routing_stats.remote(), timeout=60) for r in serve_replicas('pdserve', 'ElasticServer')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_engines_report_the_inter_token_latency_their_streams_see(api):
+    """The packing bound reads each engine's measured ITL from its load report: the engine streaming reports the
+    gap between its tokens (tens of ms on one core), the idle one reports none."""
+    started, done = threading.Event(), []
+    streamer = threading.Thread(target=_long_stream, args=(api, started, done))
+    streamer.start()
+    try:
+        assert started.wait(120)
+        time.sleep(1.5)  # a whole report period of tokens
+        stats = _routing_stats()
+    finally:
+        streamer.join()
+    busy = done[0]
+    assert 0.001 < stats[busy]["itl_s"] < 1.0, stats
+    assert all(s["itl_s"] == 0.0 for replica, s in stats.items() if replica != busy), stats
+
+
 def _engine_pids() -> dict[str, int]:
     """Replica id -> pid of the elastic engines, asked by a process of its own: this one must not keep a Ray or
     Serve connection to a cluster that is gone when the shared cluster's tests run."""

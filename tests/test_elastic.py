@@ -3,6 +3,8 @@ over one fake pool whose engines play both phases (tests/fakes.py). The real-clu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from deployments.outcomes import Failure, Route, RouteReason
@@ -91,6 +93,18 @@ def test_a_full_decode_engine_spills_onto_the_quieter_one():
     assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.BALANCE_STREAMS, None, "a")
     d = choose_pair(1000, {"a": load(running=1), "b": load(running=3)}, SPEED, LIMITS)
     assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
+
+
+def test_an_engine_whose_streams_run_slow_takes_no_more_streams():
+    """a holds 2 streams, under the count limit of 4, but they see 70 ms between tokens, past 0.6 of the 0.1 s ITL
+    target: the next stream goes to b. At 50 ms a still has room and packing keeps it there."""
+    slow = {"a": replace(load(running=2), itl_s=0.07), "b": load(running=1)}
+    assert pair(choose_pair(50, slow, SPEED, LIMITS))[3] == "b"
+    fast = {"a": replace(load(running=2), itl_s=0.05), "b": load(running=1)}
+    assert pair(choose_pair(50, fast, SPEED, LIMITS))[3] == "a"
+    # a long prompt whose decode engine is slow: the prefill engine takes it whole, as when the decode one is full
+    d = choose_pair(1000, {"a": load(running=1), "b": replace(load(running=2), itl_s=0.08)}, SPEED, LIMITS)
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.BALANCE_STREAMS, None, "a")
 
 
 def test_engine_without_kv_room_never_prefills_or_decodes_for_another():
@@ -241,3 +255,13 @@ def test_elastic_failed_pull_prefills_on_the_decode_engine_and_blames_the_prefil
     assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.KV_PULL_FAILED)
     assert ingress.prefill.pool.breaker is ingress.decode.pool.breaker
     assert "e1" in ingress.decode.pool.breaker.excluded()  # threshold 1 in these tests
+
+
+def test_recent_mean_is_the_mean_of_what_was_observed_since_the_last_reading():
+    from deployments.engine.vllm_engine import RecentMean
+
+    itl = RecentMean()
+    assert itl.update(0.0, 0) == 0.0
+    assert itl.update(1.0, 10) == pytest.approx(0.1)
+    assert itl.update(1.0, 10) == 0.0, "no token since the last reading: nothing to report"
+    assert itl.update(2.0, 30) == pytest.approx(0.05)

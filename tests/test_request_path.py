@@ -405,3 +405,28 @@ def test_router_shipped_by_value_registers_where_the_ingress_looks():
         assert pools.pool_view("PrefillServer") == {"p-live": ReplicaLoad()}
     finally:
         pools.ROUTERS.pop("PrefillServer", None)
+
+
+def test_requests_between_two_load_reports_are_spread_not_sent_to_one_replica():
+    """Replicas report their load once a second; every request sent since is missing from the reports. The pool's
+    policy ranks by what the ingress itself has in flight, so a burst of streams alternates between two idle
+    replicas instead of all going to the one that looked least loaded at the last report."""
+    _, decode = pools(num_decode=2)
+    ingress = fake_ingress(None, decode, FAST)
+
+    async def go():
+        opened = []
+        for _ in range(4):  # each stream stays open (its first reply read) while the next one is routed
+            trace = Trace(request_id="t", model=ingress.model_name, timeout_s=30)
+            req = inspect("completions", SHORT | {"stream": True}, ingress.model_name, ingress.settings.limits,
+                          ingress.settings.engine.max_model_len)
+            stream = ingress.serve_request(req, trace)
+            await anext(stream)
+            opened.append(stream)
+        assert ingress.ledger.streams == {"d1": 2, "d2": 2}
+        for stream in opened:
+            await stream.aclose()
+        assert ingress.ledger.streams == {}, "a closed stream leaves the ledger"
+
+    asyncio.run(go())
+    assert [replica for replica, _ in decode.calls] == ["d1", "d2", "d1", "d2"]

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from ..outcomes import Failure, Phase
 from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest
+from ..routing.ledger import Ledger
 from ..routing.policies import POLICIES
 from .trace import Trace
 
@@ -39,13 +40,16 @@ class AttemptResult(Generic[T]):
 class Pool:
     """A pool of engine replicas as the ingress sees it: live view, policy, breaker, and a liveness probe.
 
-    ``view`` returns the live replicas and their loads (None before the pool's router exists in this process);
-    ``probe`` asks one replica directly, past Serve's queues, how many requests it holds (None: no answer).
+    ``view`` returns the live replicas and their loads as they last reported them (None before the pool's router
+    exists in this process); ``probe`` asks one replica directly, past Serve's queues, how many requests it holds
+    (None: no answer). ``ledger``: what this ingress has in flight on each replica, which the policy ranks by
+    instead of the reports' lagging counts.
     """
 
     def __init__(self, policy: str, breaker: CircuitBreaker, view: Callable[[], dict[str, ReplicaLoad] | None],
-                 probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool):
-        self.policy, self.breaker = policy, breaker
+                 probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool,
+                 ledger: Ledger | None = None):
+        self.policy, self.breaker, self.ledger = policy, breaker, ledger
         self.view, self.probe = view, probe
         self.untargeted_fallback = untargeted_fallback  # every replica excluded: let the router try anyway
 
@@ -64,7 +68,8 @@ class Pool:
             return True, None
         if route.target is not None and route.target in view and route.target not in exclude:
             return True, route.target
-        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), view)
+        loads = self.ledger.loads(view) if self.ledger is not None else view
+        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), loads)
         if ranked:
             return True, ranked[0]
         return self.untargeted_fallback, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,8 @@ from ..metrics import metrics, record_request
 from ..outcomes import Failure, Route, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply
 from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill, pools
-from ..routing.elastic import ElasticLimits, Ledger, choose_pair
+from ..routing.elastic import ElasticLimits, choose_pair
+from ..routing.ledger import Ledger
 from ..settings import PDServeSettings
 from . import auth
 from .attempts import Pool
@@ -107,9 +109,9 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
-def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fallback: bool) -> Pool:
+def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fallback: bool, ledger: Ledger) -> Pool:
     return Pool(policy, breaker, functools.partial(pools.pool_view, deployment),
-                functools.partial(pools.probe, deployment), untargeted_fallback)
+                functools.partial(pools.probe, deployment), untargeted_fallback, ledger)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -123,12 +125,13 @@ class Ingress:
         r = settings.routing
         breaker = lambda: CircuitBreaker(r.breaker_failure_threshold, r.breaker_cooldown_s)  # noqa: E731
         self.elastic = settings.mode == "elastic"
-        self.ledger = Ledger() if self.elastic else None
+        self.ledger = Ledger()  # every pool's policy ranks by what this ingress has in flight, not lagging reports
         self.elastic_limits = ElasticLimits(
             itl_target_s=settings.slo.itl_s, ttft_target_s=settings.slo.ttft_s,
             min_remote_prefill_tokens=r.min_remote_prefill_tokens,
             max_streams_per_engine=(r.elastic_max_streams_per_engine
                                     or settings.elastic.engine_for(settings.engine).max_num_seqs),
+            pack_itl_fraction=r.elastic_pack_itl_fraction,
         ) if self.elastic else None
         names = {"disaggregated": ("PrefillServer", "DecodeServer"), "colocated": (None, "ColocatedServer"),
                  "elastic": ("ElasticServer", "ElasticServer")}[settings.mode]
@@ -136,10 +139,11 @@ class Ingress:
         self.prefill = None
         if prefill is not None:
             prefill_breaker = decode_breaker if self.elastic else breaker()
-            self.prefill = PrefillPhase(prefill, _pool(names[0], r.prefill_policy, prefill_breaker, False), r,
-                                        self.model_name, self.ledger)
-        self.decode = DecodePhase(decode.options(stream=True), _pool(names[1], r.decode_policy, decode_breaker, True),
-                                  r, self.model_name, self.ledger)
+            self.prefill = PrefillPhase(prefill, _pool(names[0], r.prefill_policy, prefill_breaker, False, self.ledger),
+                                        r, self.model_name, self.ledger)
+        self.decode = DecodePhase(decode.options(stream=True),
+                                  _pool(names[1], r.decode_policy, decode_breaker, True, self.ledger), r,
+                                  self.model_name, self.ledger)
         self.num_requests = 0
         self._gauge_refresh: asyncio.Task | None = None
         if auth.api_key() is None:
@@ -174,8 +178,9 @@ class Ingress:
             if not isinstance(started, DecodeStream):
                 yield started
                 return
-            async for item in self.decode.relay(started, trace):
-                yield item
+            async with contextlib.aclosing(self.decode.relay(started, trace)) as relay:  # closed with this one
+                async for item in relay:
+                    yield item
 
     def route(self, req: ClientRequest, trace: Trace) -> tuple[RouteRequest, RouteRequest]:
         """Describe the request for the routing policies and decide where its prompt is prefilled: the routes of

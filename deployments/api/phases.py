@@ -33,7 +33,7 @@ from ..metrics import metrics
 from ..outcomes import Failure, Phase, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
 from ..routing import RouteRequest
-from ..routing.elastic import Ledger
+from ..routing.ledger import Ledger
 from ..settings import RoutingSettings
 from .attempts import AttemptResult, Pool, Verdict, run_attempts
 from .requests import ClientRequest
@@ -175,7 +175,7 @@ class DecodeStream:
 
     first: JsonReply | str
     rest: Any  # the Serve streaming response
-    replica: str | None = None  # the replica the ingress chose for it (elastic mode's ledger)
+    replica: str | None = None  # the replica the ingress chose for it (booked in the ledger)
 
 
 class DecodePhase:
@@ -200,7 +200,7 @@ class DecodePhase:
                                f"attempt(s)", "ServiceUnavailable")
 
     async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
-        """Booked in the ledger (elastic mode): a stream on its replica until ``relay`` ends, waiting until its first
+        """Booked in the ledger: a stream on its replica until ``relay`` ends, waiting until its first
         reply, and the prompt's tokens while the replica prefills them itself."""
         if self.ledger is None:
             return await self._try(req, route, trace)

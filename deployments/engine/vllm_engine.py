@@ -178,6 +178,19 @@ class _KVPullDeadline:
             self._seen = now
 
 
+class RecentMean:
+    """The mean of a histogram's observations since the previous reading, from its running ``_sum`` and ``_count``
+    (0 when nothing was observed in between)."""
+
+    def __init__(self) -> None:
+        self._last = (0.0, 0.0)
+
+    def update(self, total: float, count: float) -> float:
+        d_total, d_count = total - self._last[0], count - self._last[1]
+        self._last = (total, count)
+        return d_total / d_count if d_count > 0 else 0.0
+
+
 class VLLMEngine:
     def __init__(self, spec: EngineSpec):
         self.spec = spec
@@ -186,6 +199,7 @@ class VLLMEngine:
         self._serving: dict[str, object] = {}
         self._request_models: dict[str, type] = {}
         self.kv_fingerprint = ""
+        self._itl = RecentMean()
 
     async def start(self) -> None:
         os.environ.update(self.spec.env)
@@ -334,11 +348,14 @@ class VLLMEngine:
         return bool(hits)
 
     def load(self) -> dict:
-        """The engine's own queue and KV gauges, for routing."""
+        """The engine's own queue and KV gauges, for routing, and the mean gap between the output tokens it streamed
+        since the last call (the routing stats period): what its streams see now."""
         v = self.stats("").values
         return {"num_running": int(v.get("vllm:num_requests_running", 0)),
                 "num_waiting": int(v.get("vllm:num_requests_waiting", 0)),
-                "kv_cache_usage": float(v.get("vllm:kv_cache_usage_perc", 0.0))}
+                "kv_cache_usage": float(v.get("vllm:kv_cache_usage_perc", 0.0)),
+                "itl_s": self._itl.update(v.get("vllm:inter_token_latency_seconds_sum", 0.0),
+                                          v.get("vllm:inter_token_latency_seconds_count", 0.0))}
 
     def stats(self, replica: str, node: str = "") -> EngineStats:
         """Sum of each ``vllm:*`` sample of this process's Prometheus registry (the engine's own stat logger)."""

@@ -9,10 +9,13 @@ The rule, for one request. An engine's *decoding* streams are those past their f
 them (their inter-token latency). Its *streams* add those still waiting for their first token (a prefill there
 only delays them, like any queue). *done*: when the engine would finish this prompt's prefill behind the prompt
 tokens it already holds, at the measured prefill speed.
-1. Decode load is packed: a stream goes to the engine that already runs the most streams, while it has fewer than
-   ``max_streams_per_engine``; past that, to the least loaded (``ReplicaLoad.score``). Packing keeps the other
-   engines free of decoding streams, so that long prompts can be prefilled where they stall no one: the pool
-   drifts into static PD's shape while the load calls for it, and spreads out when one engine is full.
+1. Decode load is packed: a stream goes to the engine that already runs the most streams while it has room: fewer
+   than ``max_streams_per_engine``, and its streams' measured inter-token latency below ``pack_itl_fraction`` of
+   the ITL target (what a stream there sees depends on the engine's speed, which the count alone does not know:
+   a one-core CPU engine passes the target at a few streams, a GPU at hundreds). Past that, to the least loaded
+   (``ReplicaLoad.score``). Packing keeps the other engines free of decoding streams, so that long prompts can be
+   prefilled where they stall no one: the pool drifts into static PD's shape while the load calls for it, and
+   spreads out when one engine is full.
 2. A short prompt is served whole by that decode engine D.
 3. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
    earliest done (and with KV room to hold the hand-off). D is chosen as in 1 among the others.
@@ -25,10 +28,13 @@ tokens it already holds, at the measured prefill speed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..outcomes import Route, RouteReason
+from .ledger import Ledger
 from .policies import ReplicaLoad
+
+__all__ = ["ElasticLimits", "Ledger", "PairDecision", "choose_pair"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class ElasticLimits:
     min_remote_prefill_tokens: int  # shorter prompts always prefill locally
     ttft_target_s: float = float("inf")  # a remote prefill done within it is in time, even if not sooner
     max_streams_per_engine: int = 8  # streams packed onto one engine before the next one takes streams
+    pack_itl_fraction: float = 0.6  # nor once its streams' measured ITL reaches this fraction of the ITL target
     max_kv_cache_usage: float = 0.9  # a prefill engine must have room to hold the KV until it is pulled
 
 
@@ -69,8 +76,9 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     def kv_room(r: str) -> bool:  # KV cache left to hold a hand-off or another stream
         return loads[r].kv_cache_usage < limits.max_kv_cache_usage
 
-    def full(r: str) -> bool:  # no room for another stream: as many as packing allows, or no KV cache left
-        return _streams(loads[r]) >= limits.max_streams_per_engine or not kv_room(r)
+    def full(r: str) -> bool:  # no room for another stream: as many as packing allows, slow streams, no KV cache left
+        slow = loads[r].itl_s >= limits.pack_itl_fraction * limits.itl_target_s
+        return _streams(loads[r]) >= limits.max_streams_per_engine or slow or not kv_room(r)
 
     def pack_rank(r: str) -> tuple:  # the busiest engine with room for a stream; else the least loaded
         return (True, loads[r].score(), r) if full(r) else (False, -_streams(loads[r]), loads[r].score(), r)
@@ -100,35 +108,3 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     if done_s(prefill) > max(done_s(decode), limits.ttft_target_s):
         return whole(decode, RouteReason.PREFILL_OVERLOADED)
     return PairDecision(Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, decode, prefill)
-
-
-class Ledger:
-    """What this ingress replica has in flight on each engine: its streams, how many of them still wait for their
-    first token, and the prompt tokens the engine has yet to prefill.
-
-    Exact and current, where the engines' own load reports lag by up to a second or two (a request that just
-    finished still shows): streams and prompt tokens come from the ledger, KV cache usage from the reports. With
-    several ingress replicas, each balances the requests it sends."""
-
-    def __init__(self) -> None:
-        self.streams: dict[str, int] = {}
-        self.waiting: dict[str, int] = {}
-        self.prompt_tokens: dict[str, int] = {}
-
-    def add(self, replica: str | None, streams: int = 0, waiting: int = 0, prompt_tokens: int = 0) -> None:
-        if replica is None:
-            return
-        for book, delta in ((self.streams, streams), (self.waiting, waiting), (self.prompt_tokens, prompt_tokens)):
-            if delta:
-                book[replica] = book.get(replica, 0) + delta
-                if book[replica] <= 0:
-                    del book[replica]
-
-    def loads(self, reported: Mapping[str, ReplicaLoad]) -> dict[str, ReplicaLoad]:
-        """The live engines (those reported): decoding streams as running, the others as waiting."""
-        out = {}
-        for rid, load in reported.items():
-            waiting = self.waiting.get(rid, 0)
-            out[rid] = replace(load, num_running=max(0, self.streams.get(rid, 0) - waiting), num_waiting=waiting,
-                               num_outstanding_prompt_tokens=self.prompt_tokens.get(rid, 0))
-        return out

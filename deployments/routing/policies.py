@@ -25,6 +25,7 @@ class ReplicaLoad:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # 0..1
     num_outstanding_prompt_tokens: int = 0  # prompt tokens accepted but not yet prefilled
+    itl_s: float = 0.0  # mean gap between the output tokens it streamed in the last report period (0: none)
 
     @classmethod
     def from_stats(cls, stats: dict | None) -> ReplicaLoad:

@@ -4,7 +4,9 @@ Each engine replica reports its load through ``record_routing_stats`` (Serve pol
 ships it to every router), so routing never waits on a replica. The ingress passes a ``RouteRequest`` as the
 ``route`` keyword of each call: its prefix key, prompt size and the replicas to avoid (failed for this
 request, or taken out of rotation by the circuit breaker). Routers register themselves by deployment name so
-that the ingress, which owns them, can read the pool's live view for its own decisions.
+that the ingress, which owns them, can read the pool's live view for its own decisions: it names the replica
+(``route.target``), ranked with its own ledger of what it has in flight (``ledger.py``), and this router's
+ranking by the reports alone is the fallback for calls that name none.
 """
 
 from __future__ import annotations
