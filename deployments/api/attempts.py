@@ -42,13 +42,12 @@ class Pool:
 
     ``view`` returns the live replicas and their loads as they last reported them (None before the pool's router
     exists in this process); ``probe`` asks one replica directly, past Serve's queues, how many requests it holds
-    (None: no answer). ``ledger``: what this ingress has in flight on each replica, which the policy ranks by
-    instead of the reports' lagging counts.
+    (None: no answer). ``ledger``: what this ingress has in flight on each replica (the phases book their
+    attempts there), which the policy ranks by instead of the reports' lagging counts.
     """
 
     def __init__(self, policy: str, breaker: CircuitBreaker, view: Callable[[], dict[str, ReplicaLoad] | None],
-                 probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool,
-                 ledger: Ledger | None = None):
+                 probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool, ledger: Ledger):
         self.policy, self.breaker, self.ledger = policy, breaker, ledger
         self.view, self.probe = view, probe
         self.untargeted_fallback = untargeted_fallback  # every replica excluded: let the router try anyway
@@ -68,8 +67,7 @@ class Pool:
             return True, None
         if route.target is not None and route.target in view and route.target not in exclude:
             return True, route.target
-        loads = self.ledger.loads(view) if self.ledger is not None else view
-        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), loads)
+        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), self.ledger.loads(view))
         if ranked:
             return True, ranked[0]
         return self.untargeted_fallback, None

@@ -140,10 +140,10 @@ class Ingress:
         if prefill is not None:
             prefill_breaker = decode_breaker if self.elastic else breaker()
             self.prefill = PrefillPhase(prefill, _pool(names[0], r.prefill_policy, prefill_breaker, False, self.ledger),
-                                        r, self.model_name, self.ledger)
+                                        r, self.model_name)
         self.decode = DecodePhase(decode.options(stream=True),
                                   _pool(names[1], r.decode_policy, decode_breaker, True, self.ledger), r,
-                                  self.model_name, self.ledger)
+                                  self.model_name)
         self.num_requests = 0
         self._gauge_refresh: asyncio.Task | None = None
         if auth.api_key() is None:

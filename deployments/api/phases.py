@@ -33,7 +33,6 @@ from ..metrics import metrics
 from ..outcomes import Failure, Phase, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
 from ..routing import RouteRequest
-from ..routing.ledger import Ledger
 from ..settings import RoutingSettings
 from .attempts import AttemptResult, Pool, Verdict, run_attempts
 from .requests import ClientRequest
@@ -78,8 +77,8 @@ async def _await(response):
 
 
 class PrefillPhase:
-    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str, ledger: Ledger | None = None):
-        self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, ledger
+    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
+        self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, pool.ledger
         self.inflight = InFlight(model, "prefill")
         self.tokens_per_s = settings.prefill_tokens_per_s  # the pool's measured prefill speed (EWMA)
 
@@ -113,8 +112,7 @@ class PrefillPhase:
         return RouteReason.PREFILL_FAILED
 
     async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[PrefillReply]:
-        if self.ledger is None:
-            return await self._try(req, route, trace)
+        """Booked in the ledger: the prompt's tokens while the replica prefills them."""
         self.ledger.add(route.target, prompt_tokens=route.num_prompt_tokens)
         try:
             return await self._try(req, route, trace)
@@ -179,8 +177,8 @@ class DecodeStream:
 
 
 class DecodePhase:
-    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str, ledger: Ledger | None = None):
-        self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, ledger
+    def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
+        self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, pool.ledger
         self.inflight = InFlight(model, "decode")
 
     async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
@@ -202,8 +200,6 @@ class DecodePhase:
     async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
         """Booked in the ledger: a stream on its replica until ``relay`` ends, waiting until its first
         reply, and the prompt's tokens while the replica prefills them itself."""
-        if self.ledger is None:
-            return await self._try(req, route, trace)
         local_tokens = 0 if req.kv_transfer_params else route.num_prompt_tokens
         self.ledger.add(route.target, streams=1, waiting=1, prompt_tokens=local_tokens)
         result = None
@@ -304,5 +300,4 @@ class DecodePhase:
                 yield item
         finally:
             started.rest.cancel()  # no-op when finished; aborts the engine request when the client left early
-            if self.ledger is not None:
-                self.ledger.add(started.replica, streams=-1)
+            self.ledger.add(started.replica, streams=-1)

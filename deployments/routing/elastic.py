@@ -2,8 +2,8 @@
 
 Pure: ``choose_pair`` sees plain data (each engine's load, the SLO, the measured prefill speed) and returns the
 decode engine that will stream the answer and, where it is worth a KV transfer, another engine to prefill the
-prompt on. ``Ledger`` is the ingress's own count of what it sent where, so that requests arriving between two
-load reports (Serve ships them once a second) do not all pile onto the same engine.
+prompt on. The loads it sees come from the ingress's own ledger of what it sent where (``ledger.py``), so that
+requests arriving between two load reports (Serve ships them once a second) do not all pile onto the same engine.
 
 The rule, for one request. An engine's *decoding* streams are those past their first token: a prefill there stalls
 them (their inter-token latency). Its *streams* add those still waiting for their first token (a prefill there
@@ -31,10 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..outcomes import Route, RouteReason
-from .ledger import Ledger
 from .policies import ReplicaLoad
-
-__all__ = ["ElasticLimits", "Ledger", "PairDecision", "choose_pair"]
 
 
 @dataclass(frozen=True)
