@@ -2,7 +2,9 @@
 
 import pytest
 
+import loadtests.bench as bench
 from loadtests.bench import COLOCATED_SETUPS, PEERS, SETUPS, _config, best_colocated, decisions, goodput, table
+from loadtests.workloads import Workload
 
 
 def _run(rate, attainment, ttft_p50=0.1, itl_p99=0.2):
@@ -17,6 +19,28 @@ def test_goodput_is_the_highest_rate_meeting_the_target_below_the_first_miss():
     runs = [_run(0.1, 1.0), _run(0.2, 0.95), _run(0.3, 0.92), _run(0.4, 0.5), _run(0.8, 0.91)]
     assert goodput(runs) == 0.3  # 0.8 met it by luck above a miss: not counted
     assert goodput([_run(0.1, 0.5)]) == 0.0
+
+
+def test_every_run_of_a_sweep_sends_its_own_prompts_and_a_rate_the_same_ones_in_every_setup(monkeypatch, tmp_path):
+    """Prompts replayed by a later run would hit the engines' prefix caches and measure cached prefills."""
+    attainment = {0.3: 1.0, 0.6: 1.0, 1.2: 0.5, 0.9: 0.95}
+    sent = []  # (setup, rate, seed) of each run the fake locust gets
+
+    def fake_run_locust(base_url, profile, rate, duration_s, report_dir, *, seed, **options):
+        sent.append((report_dir.parent.name, None if report_dir.name == "warmup" else rate, seed))
+        return {"slo_attainment": attainment.get(rate, 1.0), "goodput_rps": rate, "requests_per_s": rate,
+                "output_tokens_per_s": 1.0, "num_requests": 10, "num_failed": 0, "routes": {},
+                "latency_s": {k: {"p50": 0.1, "p99": 0.2} for k in ("ttft", "itl")}}
+
+    monkeypatch.setattr(bench, "run_locust", fake_run_locust)
+    for setup in ("a", "b"):
+        runs = bench.sweep("http://x", tmp_path / setup, "rag", 1, 0.3, 1, extra_rates=(0.45,), warmup_s=5, seed=7)
+        assert [r["rate_rps"] for r in runs] == pytest.approx([0.3, 0.45, 0.6, 0.9, 1.2])
+    seeds_a = [seed for setup, _, seed in sent if setup == "a"]
+    assert len(seeds_a) == 6 and len(set(seeds_a)) == 6  # warmup and five rates: six prompt sets
+    assert [(r, s) for setup, r, s in sent if setup == "a"] == [(r, s) for setup, r, s in sent if setup == "b"]
+    first = {Workload("rag", seed=seed).prompt(0).text for seed in seeds_a}
+    assert len(first) == 6
 
 
 def test_table_compares_at_the_best_colocated_goodput_rate_with_ratios_to_elastic():
