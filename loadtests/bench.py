@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
     p.add_argument("--slo-tpot-s", type=float, default=0.1)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ignore-eos", action="store_true", help="answers of exactly --max-tokens: every setup then gets "
+                   "the same work (the model samples at temperature 1: answers otherwise end at random lengths)")
     p.add_argument("--out", default="bench-results", help="results folder")
     args = p.parse_args(argv)
     setups, profiles = args.setups.split(","), args.profiles.split(",")
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.num_bisect, extra_rates=((goodput(results[profile][best]),) if best else ()) + extra,
                     min_requests=args.min_requests, warmup_s=args.warmup_s,
                     slo_ttft_s=args.slo_ttft_s, slo_tpot_s=args.slo_tpot_s, max_tokens=args.max_tokens, seed=7,
+                    ignore_eos=args.ignore_eos,
                     drain_timeout_s=120, no_plots=True)
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
