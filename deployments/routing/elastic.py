@@ -12,20 +12,17 @@ tokens it still has to prefill (the ledger takes what it had time to prefill as 
 1. Decode load is packed: a stream goes to the engine that already runs the most streams while it has room: fewer
    than ``max_streams_per_engine``, and its streams' measured inter-token latency below ``pack_itl_fraction`` of
    the ITL target (what a stream there sees depends on the engine's speed, which the count alone does not know:
-   a one-core CPU engine passes the target at a few streams, a GPU at hundreds). An engine busy with a long
-   prefill (one that alone stalls streams past the ITL target) comes after those that are not. Past that, to the
-   least loaded (``ReplicaLoad.score``). Packing keeps the other engines free of decoding streams, so that long
-   prompts can be prefilled where they stall no one: the pool drifts into static PD's shape while the load calls
-   for it, and spreads out when one engine is full.
+   a one-core CPU engine passes the target at a few streams, a GPU at hundreds). Past that, to the least loaded
+   (``ReplicaLoad.score``). Packing keeps the other engines free of decoding streams, so that long prompts can be
+   prefilled where they stall no one: the pool drifts into static PD's shape while the load calls for it, and
+   spreads out when one engine is full.
 2. A short prompt is served whole by that decode engine D.
 3. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
    earliest done (and with KV room to hold the hand-off). D is chosen as in 1 among the others.
 4. The request is served whole (no transfer) when no prefill anywhere stalls a stream (no engine decodes: the
    sooner of P and D), when D is full (P takes the stream), when the stall on D (its done) stays within the ITL
    target, when P has as many decoding streams as D, or when P would finish neither sooner than D nor within the
-   TTFT target and D decodes a single stream (D: one late first token against one stalled stream). Otherwise P
-   prefills and D pulls the KV, even late: a long prefill on D stalls every stream there, which costs more
-   requests their TPOT than one late first token (static PD always moves long prompts).
+   TTFT target (D). Otherwise P prefills and D pulls the KV.
 """
 
 from __future__ import annotations
@@ -80,13 +77,8 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
         slow = loads[r].itl_s >= limits.pack_itl_fraction * limits.itl_target_s
         return _streams(loads[r]) >= limits.max_streams_per_engine or slow or not kv_room(r)
 
-    def prefilling(r: str) -> bool:  # a prompt there stalls its streams past the ITL target
-        return loads[r].num_outstanding_prompt_tokens / tokens_per_s > limits.itl_target_s
-
-    def pack_rank(r: str) -> tuple:  # the busiest engine with room for a stream, not prefilling; else least loaded
-        if full(r):
-            return (True, loads[r].score(), r)
-        return (False, prefilling(r), -_streams(loads[r]), loads[r].score(), r)
+    def pack_rank(r: str) -> tuple:  # the busiest engine with room for a stream; else the least loaded
+        return (True, loads[r].score(), r) if full(r) else (False, -_streams(loads[r]), loads[r].score(), r)
 
     def whole(engine: str, reason: RouteReason) -> PairDecision:
         return PairDecision(Route.LOCAL_PREFILL, reason, engine)
@@ -110,6 +102,6 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
         return whole(decode, RouteReason.STALL_WITHIN_SLO)
     if loads[prefill].num_running >= loads[decode].num_running:
         return whole(decode, RouteReason.NO_QUIETER_ENGINE)
-    if done_s(prefill) > max(done_s(decode), limits.ttft_target_s) and loads[decode].num_running <= 1:
+    if done_s(prefill) > max(done_s(decode), limits.ttft_target_s):
         return whole(decode, RouteReason.PREFILL_OVERLOADED)
     return PairDecision(Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, decode, prefill)
