@@ -141,33 +141,6 @@ def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_then_spills():
     assert ledger.streams == {"a": 5, "b": 4}  # both full: the least loaded (a tie, by name) takes the last one
 
 
-def test_ledger_takes_what_an_engine_had_time_to_prefill_as_done_and_the_next_prompt_goes_to_the_sooner_one():
-    """a got a 1500-token prompt 2.6 s ago, b one of 1400 tokens 0.8 s ago: booked, a holds more, but at 500
-    tokens/s a is nearly done and b is not. Measured case (rag, two one-core engines): the prompt waited on b."""
-    speed, now = 500.0, [0.0]  # one core's prefill tokens/s, and the fake clock
-    ledger = Ledger(clock=lambda: now[0])
-    ledger.add("a", streams=1, waiting=1, prompt_tokens=1500)
-    now[0] = 1.8
-    ledger.add("b", streams=1, waiting=1, prompt_tokens=1400)
-    now[0] = 2.6
-    reported = {"a": load(), "b": load()}
-    assert {r: x.num_outstanding_prompt_tokens for r, x in ledger.loads(reported).items()} == {"a": 1500, "b": 1400}
-    assert {r: x.num_outstanding_prompt_tokens for r, x in ledger.loads(reported, speed).items()} == {"a": 200,
-                                                                                                      "b": 1000}
-    assert pair(choose_pair(1100, ledger.loads(reported, speed), speed, LIMITS)) == (
-        Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")
-    assert pair(choose_pair(1100, ledger.loads(reported), speed, LIMITS))[3] == "b"  # by booked tokens alone
-    ledger.add("a", prompt_tokens=1100)  # a holds the next prompt too: it starts on it once its first is done
-    now[0] = 3.0
-    ledger.add("a", waiting=-1, prompt_tokens=-1500)  # the first prompt's first token
-    now[0] = 3.5
-    assert ledger.loads(reported, speed)["a"].num_outstanding_prompt_tokens == 1100 - 250
-    now[0] = 10.0
-    assert ledger.loads(reported, speed)["b"].num_outstanding_prompt_tokens == 0  # never below nothing
-    ledger.add("a", prompt_tokens=-1100)
-    assert "a" not in ledger.prefilling_since
-
-
 def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reported():
     ledger = Ledger()
     ledger.add("a", streams=2, prompt_tokens=1500)

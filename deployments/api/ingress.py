@@ -205,8 +205,7 @@ class Ingress:
         """The (prefill, decode) pair from one pool (routing/elastic.py). The prefill phase may retry on any engine
         but the decode one: prefilling there is the local fallback."""
         view = self.decode.pool.view() or {}
-        speed = self.prefill.tokens_per_s
-        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view, speed), speed,
+        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s,
                                self.elastic_limits, exclude=self.decode.pool.breaker.excluded())
         trace.route, trace.reason = decision.route, decision.reason
         decode_route = replace(route, target=decision.decode)

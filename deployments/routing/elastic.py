@@ -8,7 +8,7 @@ requests arriving between two load reports (Serve ships them once a second) do n
 The rule, for one request. An engine's *decoding* streams are those past their first token: a prefill there stalls
 them (their inter-token latency). Its *streams* add those still waiting for their first token (a prefill there
 only delays them, like any queue). *done*: when the engine would finish this prompt's prefill behind the prompt
-tokens it still has to prefill (the ledger takes what it had time to prefill as done), at the measured prefill speed.
+tokens it already holds, at the measured prefill speed.
 1. Decode load is packed: a stream goes to the engine that already runs the most streams while it has room: fewer
    than ``max_streams_per_engine``, and its streams' measured inter-token latency below ``pack_itl_fraction`` of
    the ITL target (what a stream there sees depends on the engine's speed, which the count alone does not know:
