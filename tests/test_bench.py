@@ -23,7 +23,7 @@ def test_goodput_is_the_highest_rate_meeting_the_target_below_the_first_miss():
 
 def test_every_run_of_a_sweep_sends_its_own_prompts_and_a_rate_the_same_ones_in_every_setup(monkeypatch, tmp_path):
     """Prompts replayed by a later run would hit the engines' prefix caches and measure cached prefills."""
-    attainment = {0.3: 1.0, 0.6: 1.0, 1.2: 0.5, 0.9: 0.95}
+    attainment = {1.2: 0.5}  # the first miss; every other rate meets the target
     sent = []  # (setup, rate, seed) of each run the fake locust gets
 
     def fake_run_locust(base_url, profile, rate, duration_s, report_dir, *, seed, **options):
