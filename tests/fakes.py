@@ -26,6 +26,7 @@ FAKE_KV_FINGERPRINT = "fp-model-a"  # the decode replicas' KV layout; a prefill 
 OK, DIE, STALL, BACKPRESSURE, ERROR_5XX, ERROR_4XX, KV_TIMEOUT, STALL_MID_STREAM, KV_RECOMPUTED = (
     "ok", "die", "stall", "backpressure", "error_5xx", "error_4xx", "kv_timeout", "stall_mid_stream", "kv_recomputed")
 FROZEN = "frozen"  # decode: silent from the start (not even its tag), as a SIGSTOPped replica
+QUEUED = "queued"  # decode: silent for SLOW_FIRST_S before its tag, as a call waiting in Serve's queue
 SLOW_FIRST = "slow_first"  # decode: its first token after SLOW_FIRST_S (a long local prefill, a queue)
 SLOW_FIRST_S = 0.4
 
@@ -145,6 +146,8 @@ class FakeDecodeHandle:
             raise RayError(f"ActorDiedError: replica {replica} at 10.1.2.3")
         if behaviour == FROZEN:
             await asyncio.sleep(3600)
+        if behaviour == QUEUED:
+            await asyncio.sleep(SLOW_FIRST_S)
         yield ReplicaTag(replica, time.time(), FAKE_DECODE_NODE)
         if behaviour == STALL:
             await asyncio.sleep(3600)

@@ -30,6 +30,7 @@ from tests.fakes import (
     KV_RECOMPUTED,
     KV_TIMEOUT,
     OK,
+    QUEUED,
     SLOW_FIRST,
     SLOW_FIRST_S,
     STALL,
@@ -261,6 +262,59 @@ def test_slow_decode_replica_that_answers_its_probes_is_waited_for():
     assert len(decode.probes) >= SLOW_FIRST_S / 0.05 / 2 and set(decode.probes) == {"d1"}
     assert [r for r, _ in decode.calls] == ["d1"] and trace.fallbacks == []
     assert ingress.decode.pool.breaker.state("d1") is BreakerState.CLOSED
+
+
+def _no_view_until_the_first_call(ingress, decode: FakePool) -> None:
+    """The ingress's first request: no routing view in its process yet, so Serve's router places the call (the fake
+    places it on the pool's first replica)."""
+    ingress.decode.pool.view = lambda: decode.view() if decode.calls else None
+
+
+def test_frozen_decode_replica_placed_by_serves_router_is_found_by_probing_the_pool():
+    """A call Serve's router placed on a frozen replica, which never tags the stream: after one probe interval of
+    silence every replica of the pool is probed, and the one that does not answer is taken out; the request goes to
+    another, not held until Serve's own health check removes the replica."""
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [FROZEN]
+    decode.probe_answers["d2"] = 0
+    ingress = fake_ingress(prefill, decode, PROBED)
+    _no_view_until_the_first_call(ingress, decode)
+    t0 = time.monotonic()
+    replies, trace = serve(ingress, SHORT, timeout_s=30)
+    assert time.monotonic() - t0 < 0.05 + 0.05 + 0.5  # interval + probe + slack
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d2"
+    assert [r for r, _ in decode.calls] == ["d1", "d2"] and sorted(decode.probes) == ["d1", "d2"]
+    assert trace.fallbacks == [Failure.DECODE_REPLICA_UNRESPONSIVE]
+    assert ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
+
+
+def test_call_waiting_in_serves_queue_is_waited_for_while_every_replica_answers():
+    """Silent before its tag only because it waits in Serve's queue: every replica answers its probe, so the call is
+    left where it is: no retry, no breaker failure."""
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [QUEUED]
+    decode.probe_answers |= {"d1": 4, "d2": 4}
+    ingress = fake_ingress(prefill, decode, PROBED)
+    _no_view_until_the_first_call(ingress, decode)
+    replies, trace = serve(ingress, SHORT, timeout_s=30)
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d1"
+    assert set(decode.probes) == {"d1", "d2"} and [r for r, _ in decode.calls] == ["d1"] and trace.fallbacks == []
+    assert ingress.decode.pool.breaker.excluded() == frozenset()
+
+
+def test_every_decode_replica_held_out_by_the_breaker_means_a_named_suspect_that_is_probed():
+    """Every decode replica out of rotation: the request still goes to one, the least loaded, named by the ingress
+    (not left to Serve's router), so that a frozen one is probed and the request moves on to the other."""
+    prefill, decode = pools(num_decode=2)
+    decode.script["d1"] = [FROZEN]
+    decode.loads["d2"] = ReplicaLoad(num_running=1)
+    ingress = fake_ingress(prefill, decode, PROBED)
+    for replica in ("d1", "d2"):
+        ingress.decode.pool.breaker.record_failure(replica)
+    replies, trace = serve(ingress, SHORT, timeout_s=30)
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d2"
+    assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.probes == ["d1"]
+    assert trace.fallbacks == [Failure.DECODE_REPLICA_UNRESPONSIVE]
 
 
 def test_decode_replica_frozen_mid_stream_ends_the_stream_and_counts_against_it():

@@ -47,10 +47,10 @@ class Pool:
     """
 
     def __init__(self, policy: str, breaker: CircuitBreaker, view: Callable[[], dict[str, ReplicaLoad] | None],
-                 probe: Callable[[str, float], Awaitable[int | None]], untargeted_fallback: bool, ledger: Ledger):
+                 probe: Callable[[str, float], Awaitable[int | None]], suspect_fallback: bool, ledger: Ledger):
         self.policy, self.breaker, self.ledger = policy, breaker, ledger
         self.view, self.probe = view, probe
-        self.untargeted_fallback = untargeted_fallback  # every replica excluded: let the router try anyway
+        self.suspect_fallback = suspect_fallback  # every replica excluded: try the least suspect one anyway
 
     def live_loads(self) -> list[ReplicaLoad] | None:
         view = self.view()
@@ -59,36 +59,45 @@ class Pool:
         excluded = self.breaker.excluded()
         return [load for rid, load in view.items() if rid not in excluded]
 
-    def choose(self, route: RouteRequest, exclude: set[str]) -> tuple[bool, str | None]:
-        """(go, target): whether to attempt at all, and on which replica (None: the router chooses). A replica the
-        ingress already chose for the request (``route.target``, elastic mode) comes first while it may be tried."""
+    def choose(self, route: RouteRequest, tried: set[str]) -> tuple[bool, str | None]:
+        """(go, target): whether to attempt at all, and on which replica (None: Serve's router chooses). Never a
+        replica in ``tried`` (this request failed there, or must avoid it); one the breaker holds out only as a last
+        resort, where the pool allows it. A replica the ingress already chose for the request (``route.target``,
+        elastic mode) comes first while it may be tried."""
         view = self.view()
         if view is None:  # no routing data yet in this process: Serve's router picks
             return True, None
-        if route.target is not None and route.target in view and route.target not in exclude:
+        avoid = tried | self.breaker.excluded()
+        if route.target is not None and route.target in view and route.target not in avoid:
             return True, route.target
-        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(exclude)), list(view), self.ledger.loads(view))
+        loads = self.ledger.loads(view)
+        ranked = POLICIES[self.policy](replace(route, exclude=frozenset(avoid)), list(view), loads)
         if ranked:
             return True, ranked[0]
-        return self.untargeted_fallback, None
+        if not self.suspect_fallback:
+            return False, None
+        # Every replica held out by the breaker: better a suspect replica than no answer at all. Named, so that a
+        # silent stream there gets it probed. None only while the pool has no replica: Serve's router waits for one.
+        suspects = POLICIES[self.policy](replace(route, exclude=frozenset(tried)), list(view), loads)
+        return (True, suspects[0]) if suspects else (not view, None)
 
 
 async def run_attempts(pool: Pool, phase: Phase, num_attempts: int, route: RouteRequest, trace: Trace,
                        attempt: Callable[[RouteRequest], Awaitable[AttemptResult[T]]]) -> AttemptResult[T] | None:
     """Up to ``num_attempts`` attempts on distinct replicas, none of ``route.exclude``. None: no attempt succeeded
     or none was possible."""
-    exclude = set(route.exclude) | pool.breaker.excluded()
+    tried = set(route.exclude)
     for _ in range(num_attempts):
         if trace.remaining_s() <= 0:
             trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)
             return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
-        go, target = pool.choose(route, exclude)
+        go, target = pool.choose(route, tried)
         if not go:
             return None
         if target is not None:
             pool.breaker.on_attempt(target)
         trace.attempts[phase] += 1
-        result = await attempt(replace(route, exclude=frozenset(exclude), target=target))
+        result = await attempt(replace(route, exclude=frozenset(tried | pool.breaker.excluded()), target=target))
         if result.failure is not None:
             trace.fallbacks.append(result.failure)
         target = target or result.replica
@@ -97,7 +106,7 @@ async def run_attempts(pool: Pool, phase: Phase, num_attempts: int, route: Route
                 pool.breaker.record_success(target)
             elif result.replica_at_fault:
                 pool.breaker.record_failure(target)
-            exclude.add(target)
+            tried.add(target)
         if result.verdict is not Verdict.RETRY:
             return result
     return None

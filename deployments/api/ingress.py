@@ -109,9 +109,9 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
-def _pool(deployment: str, policy: str, breaker: CircuitBreaker, untargeted_fallback: bool, ledger: Ledger) -> Pool:
+def _pool(deployment: str, policy: str, breaker: CircuitBreaker, suspect_fallback: bool, ledger: Ledger) -> Pool:
     return Pool(policy, breaker, functools.partial(pools.pool_view, deployment),
-                functools.partial(pools.probe, deployment), untargeted_fallback, ledger)
+                functools.partial(pools.probe, deployment), suspect_fallback, ledger)
 
 
 @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)

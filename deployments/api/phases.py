@@ -11,7 +11,9 @@ phase is ``Ingress.serve_request``'s. Failure rules:
   4xx goes to the client; after the first token a broken stream ends with an error event (ingress.py). A
   stream that stays silent (before or after its first token) gets its replica probed directly every
   ``decode_probe_interval_s``: a replica that answers is busy (a long prefill, a queue) and is waited for; one that
-  does not is frozen or cut off, a replica failure, handled as if it had died.
+  does not is frozen or cut off, a replica failure, handled as if it had died. A call Serve's router placed (no
+  routing view yet in this process) names its replica only in its first message: until then every replica of the
+  pool is probed, and one that does not answer is taken to hold the stream.
 - every wait is bounded by the request's end-to-end deadline.
 """
 
@@ -51,6 +53,10 @@ class DeadlineExceeded(Exception):
 
 class Unresponsive(Exception):
     """A decode replica's stream went silent and the replica did not answer a direct probe: frozen or cut off."""
+
+    def __init__(self, replica: str):
+        super().__init__(replica)
+        self.replica = replica
 
 
 class InFlight:
@@ -225,10 +231,10 @@ class DecodePhase:
                 trace.fallbacks.append(Failure.KV_RECOMPUTED)
                 trace.prefill_locally(RouteReason.KV_RECOMPUTED)
                 first = await self._next(stream, replica, trace)
-        except Unresponsive:
+        except Unresponsive as exc:
             stream.cancel()
             return AttemptResult(Verdict.RETRY, failure=Failure.DECODE_REPLICA_UNRESPONSIVE, replica_at_fault=True,
-                                 replica=replica)
+                                 replica=exc.replica)
         except asyncio.CancelledError:
             stream.cancel()
             raise
@@ -263,23 +269,32 @@ class DecodePhase:
         pending = asyncio.ensure_future(anext(stream))
         try:
             while True:
-                wait_s = trace.remaining_s()
-                if replica is not None:
-                    wait_s = min(wait_s, self.settings.decode_probe_interval_s)
+                wait_s = min(trace.remaining_s(), self.settings.decode_probe_interval_s)
                 done, _ = await asyncio.wait({pending}, timeout=max(wait_s, 0))
                 if done:
                     return pending.result()
                 if trace.remaining_s() <= 0:
                     raise TimeoutError
                 probed_at = time.monotonic()
-                held = await self.pool.probe(replica, self.settings.replica_probe_timeout_s)
-                if held is None and not pending.done():
-                    logger.warning("%s: decode on %s silent for %.1f s and no answer to a probe in %.1f s: frozen or "
-                                   "cut off", trace.request_id, replica, self.settings.decode_probe_interval_s,
-                                   time.monotonic() - probed_at)
-                    raise Unresponsive(replica)
+                silent = await self._unanswered_probe(replica)
+                if silent is not None and not pending.done():
+                    logger.warning("%s: decode on %s silent for %.1f s and %s did not answer a probe in %.1f s: "
+                                   "frozen or cut off", trace.request_id, replica or "a replica Serve's router chose",
+                                   self.settings.decode_probe_interval_s, silent, time.monotonic() - probed_at)
+                    raise Unresponsive(silent)
         finally:
             pending.cancel()  # a no-op when it finished
+
+    async def _unanswered_probe(self, replica: str | None) -> str | None:
+        """Probe ``replica``: itself if it does not answer, else None. Unknown (Serve's router placed the call and
+        its tag has not come): every replica of the pool, and the first that does not answer, which may hold the
+        stream. A stream waiting in Serve's queue while every replica answers is waited for."""
+        timeout_s = self.settings.replica_probe_timeout_s
+        if replica is not None:
+            return replica if await self.pool.probe(replica, timeout_s) is None else None
+        candidates = list(self.pool.view() or {})
+        answers = await asyncio.gather(*(self.pool.probe(r, timeout_s) for r in candidates))
+        return next((r for r, held in zip(candidates, answers, strict=True) if held is None), None)
 
     async def relay(self, started: DecodeStream, trace: Trace) -> AsyncIterator[JsonReply | str]:
         """The first reply, then the rest of the stream, all within the request's end-to-end deadline."""
