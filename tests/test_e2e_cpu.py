@@ -60,6 +60,38 @@ def _engine_workers(replica_pid: int) -> list[psutil.Process]:
     return out
 
 
+def _replica_workers(cluster, dep: str, app: str, timeout_s: float = 120) -> dict[int, list[psutil.Process]]:
+    """Replica pid -> its engine workers, once every live replica of the deployment has them. A replica whose engine
+    has died answers without them until Serve's health check replaces it; what was seen meanwhile is printed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = {}
+        for replica in cluster.replicas(dep, app):
+            try:
+                found[replica.pid] = _engine_workers(replica.pid)
+            except psutil.NoSuchProcess:  # gone since it answered
+                found[replica.pid] = []
+        if (found and all(found.values())) or time.monotonic() > deadline:
+            return found
+        print(f"{dep}: replicas without engine workers yet: {[_names(pid) for pid, w in found.items() if not w]}")
+        time.sleep(2)
+
+
+def _names(pid: int) -> list[tuple[int, str, bool]]:
+    """Each process of a tree: pid, name, and whether its environment names its cores."""
+    out = []
+    try:
+        procs = _tree(pid)
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        try:
+            out.append((proc.pid, proc.name(), "VLLM_CPU_OMP_THREADS_BIND" in proc.environ()))
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 def _allowed_cores(tid: int) -> set[int]:
     """The cores a thread may run on; none for a thread that has just exited."""
     try:
@@ -76,9 +108,8 @@ def test_engine_threads_stay_on_their_cores(cluster, http):
                                                        "temperature": 0})
     assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated", resp.headers
     for dep, app in ENGINES:
-        for replica in cluster.replicas(dep, app):
-            workers = _engine_workers(replica.pid)
-            assert workers, f"{dep}: no engine worker process under pid {replica.pid}"
+        for pid, workers in _replica_workers(cluster, dep, app).items():
+            assert workers, f"{dep}: no engine worker process under pid {pid}: {_names(pid)}"
             for worker in workers:
                 bind = worker.environ()["VLLM_CPU_OMP_THREADS_BIND"]
                 expected = set(parse_id_list(bind))  # as vLLM reads VLLM_CPU_OMP_THREADS_BIND
