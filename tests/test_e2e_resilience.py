@@ -187,8 +187,7 @@ def test_frozen_prefill_pool_costs_one_deadline_then_local_prefill(cluster):
     its prefill deadline per replica (derived from its size and the measured speed: seconds, not the 60 s cap),
     the probe gets no answer, and the decode replica prefills it. No replica is waited on twice for one request."""
     procs = [p for r in cluster.replicas("PrefillServer") for p in _process_group(r.pid)]
-    for p in procs:
-        p.send_signal(signal.SIGSTOP)
+    _signal(procs, signal.SIGSTOP)
     try:
         for i in range(4):
             t0 = time.monotonic()
@@ -207,8 +206,7 @@ def test_frozen_prefill_pool_costs_one_deadline_then_local_prefill(cluster):
             print(f"frozen prefill pool, request {i}: {took_s:.1f} s, waits {waits}, "
                   f"{resp.headers['x-pdserve-route-reason']}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
+        _signal(procs, signal.SIGCONT)
     cluster.wait_for_replicas("PrefillServer", 2)
 
 

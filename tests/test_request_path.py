@@ -461,6 +461,19 @@ def test_router_shipped_by_value_registers_where_the_ingress_looks():
         pools.ROUTERS.pop("PrefillServer", None)
 
 
+def test_router_gives_each_call_the_replica_chosen_for_it():
+    """Regression (seen in CI): with Serve's FIFOMixin a replica chosen for one call went to whichever call had
+    waited longest, so under contention a call the ingress sent to a healthy replica ran on a frozen one (held ~100 s,
+    while the ingress probed the healthy one) or on a dead one (its failure blamed on the healthy one). Serve's base
+    router hands the replica to the call it was chosen for."""
+    from ray.serve.request_router import FIFOMixin, RequestRouter
+
+    from deployments.routing.router import PDRequestRouter
+
+    assert not issubclass(PDRequestRouter, FIFOMixin)
+    assert PDRequestRouter._fulfill_next_pending_request is RequestRouter._fulfill_next_pending_request
+
+
 def test_requests_between_two_load_reports_are_spread_not_sent_to_one_replica():
     """Replicas report their load once a second; every request sent since is missing from the reports. The pool's
     policy ranks by what the ingress itself has in flight, so a burst of streams alternates between two idle

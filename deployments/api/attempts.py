@@ -59,15 +59,15 @@ class Pool:
         excluded = self.breaker.excluded()
         return [load for rid, load in view.items() if rid not in excluded]
 
-    def choose(self, route: RouteRequest, tried: set[str]) -> tuple[bool, str | None]:
-        """(go, target): whether to attempt at all, and on which replica (None: Serve's router chooses). Never a
-        replica in ``tried`` (this request failed there, or must avoid it); one the breaker holds out only as a last
-        resort, where the pool allows it. A replica the ingress already chose for the request (``route.target``,
-        elastic mode) comes first while it may be tried."""
+    def choose(self, route: RouteRequest, tried: set[str], held_out: frozenset[str]) -> tuple[bool, str | None]:
+        """(go, target): whether to attempt at all, and on which replica (None: Serve's router chooses). A replica in
+        ``held_out`` (by the breaker, when the request started), and then one in ``tried`` (this request failed there,
+        or must avoid it), only as a last resort, where the pool allows it. A replica the ingress already chose for
+        the request (``route.target``, elastic mode) comes first while it may be tried."""
         view = self.view()
         if view is None:  # no routing data yet in this process: Serve's router picks
             return True, None
-        avoid = tried | self.breaker.excluded()
+        avoid = tried | held_out
         if route.target is not None and route.target in view and route.target not in avoid:
             return True, route.target
         loads = self.ledger.loads(view)
@@ -77,27 +77,28 @@ class Pool:
         if not self.suspect_fallback:
             return False, None
         # Every replica held out by the breaker: better a suspect replica than no answer at all. Named, so that a
-        # silent stream there gets it probed. None only while the pool has no replica: Serve's router waits for one.
+        # silent stream there gets it probed. None (Serve's router picks, even a replica this request already tried)
+        # only when no other is left: a replica blamed for a probe it answered late gets its second chance.
         suspects = POLICIES[self.policy](replace(route, exclude=frozenset(tried)), list(view), loads)
-        return (True, suspects[0]) if suspects else (not view, None)
+        return True, suspects[0] if suspects else None
 
 
 async def run_attempts(pool: Pool, phase: Phase, num_attempts: int, route: RouteRequest, trace: Trace,
                        attempt: Callable[[RouteRequest], Awaitable[AttemptResult[T]]]) -> AttemptResult[T] | None:
-    """Up to ``num_attempts`` attempts on distinct replicas, none of ``route.exclude``. None: no attempt succeeded
-    or none was possible."""
-    tried = set(route.exclude)
+    """Up to ``num_attempts`` attempts, on distinct replicas while the pool has them, none of ``route.exclude``
+    where the pool refuses suspects. None: no attempt succeeded or none was possible."""
+    tried, held_out = set(route.exclude), pool.breaker.excluded()  # held out for the whole request, as it started
     for _ in range(num_attempts):
         if trace.remaining_s() <= 0:
             trace.fallbacks.append(Failure.DEADLINE_EXCEEDED)
             return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
-        go, target = pool.choose(route, tried)
+        go, target = pool.choose(route, tried, held_out)
         if not go:
             return None
         if target is not None:
             pool.breaker.on_attempt(target)
         trace.attempts[phase] += 1
-        result = await attempt(replace(route, exclude=frozenset(tried | pool.breaker.excluded()), target=target))
+        result = await attempt(replace(route, exclude=frozenset(tried | held_out), target=target))
         if result.failure is not None:
             trace.fallbacks.append(result.failure)
         target = target or result.replica

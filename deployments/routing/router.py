@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import asyncio
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import pools
 from .policies import POLICIES, ReplicaLoad, RouteRequest
 
 
-class PDRequestRouter(FIFOMixin, RequestRouter):
+class PDRequestRouter(RequestRouter):
+    """Each call goes to the replica chosen for it. No ``FIFOMixin``: that hands a replica chosen for one call to
+    whichever call has waited longest, so under contention a call the ingress sent to replica A ran on B, while the
+    ingress booked it on A and probed A (a call for a healthy replica held by a frozen one until Serve's health
+    check; a retry blamed on the wrong replica)."""
+
     def initialize_state(self, policy: str = "least_loaded", **kwargs) -> None:
         self._policy = POLICIES[policy]
         pools.ROUTERS[self._deployment_id.name] = self  # the real registry: this class arrives by value
