@@ -7,8 +7,8 @@ route, reason and fallbacks; writes them to `--out` (JSON). With the default con
 - prefill: a frozen prefill costs its deadline (derived from the prompt size and the measured prefill speed) plus
   the probe, once per replica, until the breaker holds it out; then requests prefill locally at once;
 - decode: a request's silent stream costs one probe interval and the probe's timeout, then it is retried; with
-  no other decode replica the retry waits in Serve's queue until Serve replaces the frozen replica (three missed
-  health checks, then an engine start), not until the end-to-end deadline.
+  no other decode replica the retry lands on the same frozen replica, is probed again, and the request answers
+  503 (twice the probe interval and timeout), not at the end-to-end deadline.
 Exits 1 if a request outside the frozen phase failed, or any request took longer than ``--max-s``.
 """
 
