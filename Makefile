@@ -60,8 +60,8 @@ test-unit: install
 	$(BIN)/python -m pytest -v -m "not cluster" tests
 
 # Goodput sweep on the mixed, rag and chat profiles, each setup started fresh at equal cores and engine defaults:
-# pdserve elastic, colocated (one two-core engine; two one-core engines), static PD, Ray Serve LLM PD (as shipped
-# and with the NIXL fix): loadtests/bench.py. Then the serving overhead against vLLM's own server, one request at a
+# pdserve elastic, colocated (one two-core engine; two one-core engines), static PD, Ray Serve LLM PD (as shipped):
+# loadtests/bench.py, about 70 minutes on two cores. Then the serving overhead against vLLM's own server, one request at a
 # time: loadtests/overhead.py. Results in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)

@@ -42,6 +42,9 @@ SETUPS: dict[str, tuple[str, str, dict]] = {
     "rayllm-pd": ("peer", "shipped", {}),
     "rayllm-pd-nixl-fix": ("peer", "nixl-fix", {}),
 }
+# What `make bench` runs: the colocated setups first (every later setup also runs the best one's goodput rate), the
+# peer as shipped (its NIXL-fix variant on request: --setups).
+DEFAULT_SETUPS = ("pdserve-colocated", "pdserve-colocated-2x1", "pdserve-elastic", "pdserve-pd", "rayllm-pd")
 BASE = "pdserve-elastic"
 COLOCATED_SETUPS = ("pdserve-colocated", "pdserve-colocated-2x1")
 PEERS = tuple(name for name, (kind, _, _) in SETUPS.items() if kind == "peer")
@@ -247,15 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated, run in this order, of: "
+    p.add_argument("--setups", default=",".join(DEFAULT_SETUPS), help="comma-separated, run in this order, of: "
                    + ", ".join(SETUPS) + " (run the colocated setups first: the best one's goodput rate is run by "
                    "every later setup)")
     p.add_argument("--profiles", default="mixed,rag,chat", help="workload profiles (loadtests/workloads.py)")
-    p.add_argument("--duration-s", type=float, default=60, help="seconds per rate")
-    p.add_argument("--start-rps", type=float, default=0.15, help="first rate of the sweep")
-    p.add_argument("--num-bisect", type=int, default=2, help="bisection steps after the first miss")
-    p.add_argument("--min-requests", type=int, default=20, help="a rate runs long enough for this many requests")
-    p.add_argument("--warmup-s", type=float, default=15, help="unmeasured load before each sweep")
+    # defaults sized for one run of every setup in about 70 minutes on two cores (docs/benchmarks.md)
+    p.add_argument("--duration-s", type=float, default=25, help="seconds per rate")
+    p.add_argument("--start-rps", type=float, default=0.3, help="first rate of the sweep")
+    p.add_argument("--num-bisect", type=int, default=1, help="bisection steps after the first miss")
+    p.add_argument("--min-requests", type=int, default=16, help="a rate runs long enough for this many requests")
+    p.add_argument("--warmup-s", type=float, default=20, help="unmeasured load before each sweep")
     p.add_argument("--extra-rates", default="", help="comma-separated rates every setup also runs (e.g. another run's "
                    "best colocated goodput rate, when only some setups run)")
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _say(f"engines as users get them by default: enforce_eager={EngineSettings().enforce_eager} "
          "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
+    started = time.monotonic()
     for setup in setups:  # each setup started fresh once, then swept on every profile
         _say(f"starting {setup} fresh")
         _stop(setup)
@@ -301,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append(report(results[profile], profile))
         (out / profile / "bench.md").write_text(md[-1] + "\n")
         plot(results[profile], out / profile / "attainment.png", profile)
+    md.append(f"Whole run: {(time.monotonic() - started) / 60:.0f} minutes.")
     (out / "bench.md").write_text("\n\n".join(md) + "\n")
     print("\n\n".join(md))
     return 0

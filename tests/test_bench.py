@@ -3,7 +3,18 @@
 import pytest
 
 import loadtests.bench as bench
-from loadtests.bench import COLOCATED_SETUPS, PEERS, SETUPS, _config, best_colocated, decisions, goodput, table
+from loadtests.bench import (
+    BASE,
+    COLOCATED_SETUPS,
+    DEFAULT_SETUPS,
+    PEERS,
+    SETUPS,
+    _config,
+    best_colocated,
+    decisions,
+    goodput,
+    table,
+)
 from loadtests.workloads import Workload
 
 
@@ -84,6 +95,9 @@ def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
         assert all(p.engine_for(settings.engine).enforce_eager for p in pools)  # what users get by default
     # the colocated setups run first: the best one's goodput rate is one every later setup also runs
     assert tuple(SETUPS)[:len(COLOCATED_SETUPS)] == COLOCATED_SETUPS
+    # what `make bench` runs: the same order; elastic beside colocated, static PD and the peer
+    assert DEFAULT_SETUPS[:len(COLOCATED_SETUPS)] == COLOCATED_SETUPS
+    assert {BASE, "pdserve-pd"} <= set(DEFAULT_SETUPS) and set(PEERS) & set(DEFAULT_SETUPS)
 
 
 @pytest.mark.parametrize("peer", PEERS)

@@ -30,8 +30,8 @@ PANELS = [
          "waiting {{role}}")]),
     ("KV cache usage per replica", "percentunit", [
         ("max by (ReplicaId) (ray_vllm_kv_cache_usage_perc)", "{{ReplicaId}}")]),
-    ("Time per phase (mean)", "s", [
-        (f"sum(rate(ray_pdserve_{p}_seconds_sum[1m])) / clamp_min(sum(rate(ray_pdserve_{p}_seconds_count[1m])), 1e-9)", p)
+    ("Time per phase (p50)", "s", [  # not _sum / _count: Ray's exporter rebuilds _sum from bucket midpoints
+        (f"histogram_quantile(0.5, sum by (le) (rate(ray_pdserve_{p}_seconds_bucket[1m])))", p)
         for p in ("queue_time", "prefill_time", "kv_transfer_time", "decode_time")]),
     ("KV transfer time p50 / p99", "s", [
         ("histogram_quantile(0.5, sum by (le) (rate(ray_pdserve_kv_transfer_time_seconds_bucket[1m])))", "p50"),
@@ -40,11 +40,12 @@ PANELS = [
         ("sum(rate(ray_vllm_nixl_bytes_transferred_sum[1m]))", "NIXL (engines)"),
         ("sum(rate(ray_pdserve_kv_transfer_size_bytes_sum[1m]))", "hand-offs (pdserve)")]),
     ("KV transfer failures and fallbacks", "short", [
-        ("sum(increase(ray_pdserve_kv_transfer_failures_total[5m]))", "KV pulls past the deadline"),
-        ("sum by (kind) (increase(ray_pdserve_fallbacks_total[5m]))", "{{kind}}")]),
+        # a counter shows up in the scrape at its first increment: 0 until then, not "no data"
+        ("sum(increase(ray_pdserve_kv_transfer_failures_total[5m])) or vector(0)", "KV hand-offs not used"),
+        ("sum by (kind) (increase(ray_pdserve_fallbacks_total[5m])) or vector(0)", "{{kind}}")]),
     ("Routing decisions", "reqps", [
         ("sum by (route, reason) (rate(ray_pdserve_routing_decisions_total[5m]))", "{{route}}: {{reason}}")]),
-    ("Retries by phase", "short", [("sum by (phase) (increase(ray_pdserve_retries_total[5m]))", "{{phase}}")]),
+    ("Retries by phase", "short", [("sum by (phase) (increase(ray_pdserve_retries_total[5m])) or vector(0)", "{{phase}}")]),
 ]
 
 
