@@ -246,6 +246,23 @@ def report(results: dict[str, list[dict]], profile: str) -> str:
     return "\n".join(md)
 
 
+def machine(cpuinfo: str | None = None, num_cores: int | None = None) -> str:
+    """One line on the CPU a run measured: its model, cores, and whether it has bf16 instructions (without them the
+    engines' bf16 matmuls are emulated: ~2.3x slower prefill on one core, docs/benchmarks.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    cores = num_cores if num_cores is not None else len(os.sched_getaffinity(0))
+    return (f"{cores} core{'' if cores == 1 else 's'}, {fields.get('model name', 'unknown CPU')}, bf16 instructions: "
+            f"{', '.join(bf16) if bf16 else 'none (bf16 matmuls emulated)'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -281,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _say(f"engines as users get them by default: enforce_eager={EngineSettings().enforce_eager} "
          "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
+    _say(f"machine: {machine()}")
     started = time.monotonic()
     for setup in setups:  # each setup started fresh once, then swept on every profile
         _say(f"starting {setup} fresh")
@@ -301,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
             _stop(setup)
-    md = []
+    md = [f"Machine: {machine()}."]
     for profile in profiles:
         md.append(report(results[profile], profile))
         (out / profile / "bench.md").write_text(md[-1] + "\n")

@@ -9,6 +9,10 @@ Starts vLLM's own server fresh with pdserve's engine arguments (one engine, one 
     python -m loadtests.compile_choice --out docs/benchmarks      (or: make bench-compile)
 
 Prints and writes ``<out>/compile-choice.md`` and ``compile-choice.json``, with compiled / eager ratios.
+
+``--dtypes bfloat16,float32`` compares weight dtypes instead (eager engines, the first dtype is the baseline):
+on a CPU without bf16 instructions (no ``avx512_bf16``/``amx_bf16``) bf16 matmuls are emulated, which slows
+prefill, while fp32 weights are twice the bytes to read per decoded token. Writes ``<out>/dtype-choice.*``.
 """
 
 from __future__ import annotations
@@ -26,14 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.compile_choice", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-requests", type=int, default=10)
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--dtypes", default="", help="e.g. bfloat16,float32: compare these dtypes (eager) instead")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     long_prompts, short_prompts = prompts(args.num_requests + 1, 900), prompts(args.num_requests + 1, 60)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    variants = ([(d, {"enforce_eager": True, "dtype": d}) for d in dtypes] if dtypes
+                else [("eager", {"enforce_eager": True}), ("compiled", {"enforce_eager": False})])
     results: dict[str, dict[str, float]] = {}
-    for name, eager in (("eager", True), ("compiled", False)):
+    for name, engine_args in variants:
         print(f"[compile-choice] starting the {name} engine", flush=True)
-        with bare_server(out, enforce_eager=eager) as (url, startup_s):
+        with bare_server(out, **engine_args) as (url, startup_s):
             measure(url, [long_prompts[0], short_prompts[0]], 8)  # warm-up
             prefill = summary(measure(url, long_prompts[1:], 4))
             decode = summary(measure(url, short_prompts[1:], 64))
@@ -44,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         rows.append(f"| {name} | {r['startup_s']:.0f} | {r['long_prompt_ttft_p50_ms']:.0f} | "
                     f"{r['short_prompt_ttft_p50_ms']:.1f} | {r['tpot_p50_ms']:.1f} |")
-    c, e = results["compiled"], results["eager"]
-    rows.append(f"| compiled / eager | {c['startup_s'] / e['startup_s']:.2f} | "
-                f"{c['long_prompt_ttft_p50_ms'] / e['long_prompt_ttft_p50_ms']:.2f} | "
-                f"{c['short_prompt_ttft_p50_ms'] / e['short_prompt_ttft_p50_ms']:.2f} | "
-                f"{c['tpot_p50_ms'] / e['tpot_p50_ms']:.2f} |")
+    (base, e), *others = results.items()
+    for name, c in others:
+        rows.append(f"| {name} / {base} | {c['startup_s'] / e['startup_s']:.2f} | "
+                    f"{c['long_prompt_ttft_p50_ms'] / e['long_prompt_ttft_p50_ms']:.2f} | "
+                    f"{c['short_prompt_ttft_p50_ms'] / e['short_prompt_ttft_p50_ms']:.2f} | "
+                    f"{c['tpot_p50_ms'] / e['tpot_p50_ms']:.2f} |")
     md = "\n".join(rows)
-    (out / "compile-choice.json").write_text(json.dumps(results, indent=1))
-    (out / "compile-choice.md").write_text(md + "\n")
+    stem = "dtype-choice" if dtypes else "compile-choice"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(md + "\n")
     print(md)
     return 0
 

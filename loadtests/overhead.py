@@ -73,9 +73,9 @@ def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-def _engine_args(enforce_eager: bool | None = None) -> tuple[list[str], dict[str, str]]:
+def _engine_args(enforce_eager: bool | None = None, dtype: str | None = None) -> tuple[list[str], dict[str, str]]:
     """`vllm serve` arguments and env of the engine pdserve's colocated app runs, built by pdserve's own code
-    (``enforce_eager``: instead of the config's)."""
+    (``enforce_eager``, ``dtype``: instead of the config's)."""
     from deployments.engine.vllm_engine import EngineSpec
     from deployments.models import resolve_model
     from deployments.settings import load_serve_config
@@ -84,6 +84,8 @@ def _engine_args(enforce_eager: bool | None = None) -> tuple[list[str], dict[str
     engine = settings.engine
     if enforce_eager is not None:
         engine = engine.model_copy(update={"enforce_eager": enforce_eager})
+    if dtype is not None:
+        engine = engine.model_copy(update={"dtype": dtype})
     spec = EngineSpec(model=resolve_model(settings.model.source), served_model_name=MODEL, role="colocated",
                       engine=engine, kv_connector=settings.kv_connector, engine_id="bare")
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kv_cache_space_gib),
@@ -152,9 +154,10 @@ def _pdserve(*args: str, env: dict | None = None) -> None:
 
 
 @contextmanager
-def bare_server(out: Path, enforce_eager: bool | None = None) -> Iterator[tuple[str, float]]:
+def bare_server(out: Path, enforce_eager: bool | None = None,
+                dtype: str | None = None) -> Iterator[tuple[str, float]]:
     """vLLM's own OpenAI server on core 0 with pdserve's engine arguments: (its URL, seconds it took to be ready)."""
-    args, env = _engine_args(enforce_eager)
+    args, env = _engine_args(enforce_eager, dtype)
     # As `vllm serve` runs it (that CLI looks up the distribution "vllm"; this one is vllm-cpu).
     cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *args, "--port", str(BARE_PORT),
            "--host", "127.0.0.1"]

@@ -116,3 +116,12 @@ def test_peer_config_is_accepted_by_ray_serve_llm_and_uses_the_same_cores(peer):
         assert ("VLLM_PLUGINS" in c.runtime_env["env_vars"]) == (variant == "shipped")
     with pytest.raises(ValueError, match="unknown variant"):
         pd_serving_args("/m", "tuned")
+
+
+def test_machine_line_says_whether_the_cpu_has_bf16_instructions():
+    ice_lake = "model name\t: Intel(R) Xeon(R) Processor @ 2.80GHz\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    sapphire = "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n"
+    assert bench.machine(ice_lake, 2) == ("2 cores, Intel(R) Xeon(R) Processor @ 2.80GHz, "
+                                          "bf16 instructions: none (bf16 matmuls emulated)")
+    assert bench.machine(sapphire, 4).endswith("bf16 instructions: amx_bf16, avx512_bf16")
+    assert bench.machine("", 1) == "1 core, unknown CPU, bf16 instructions: none (bf16 matmuls emulated)"
