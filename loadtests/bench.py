@@ -248,7 +248,7 @@ def report(results: dict[str, list[dict]], profile: str) -> str:
 
 def machine(cpuinfo: str | None = None, num_cores: int | None = None) -> str:
     """One line on the CPU a run measured: its model, cores, and whether it has bf16 instructions (without them the
-    engines' bf16 matmuls are emulated: ~2.3x slower prefill on one core, docs/benchmarks.md)."""
+    engines' bf16 matmuls are emulated: 4.1x slower prefill on one core, docs/benchmarks.md run G)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _say(f"engines as users get them by default: enforce_eager={EngineSettings().enforce_eager} "
          "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
-    _say(f"machine: {machine()}")
+    on = machine()
+    _say(f"machine: {on}")
     started = time.monotonic()
     for setup in setups:  # each setup started fresh once, then swept on every profile
         _say(f"starting {setup} fresh")
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
             _stop(setup)
-    md = [f"Machine: {machine()}."]
+    md = [f"Machine: {on}."]
     for profile in profiles:
         md.append(report(results[profile], profile))
         (out / profile / "bench.md").write_text(md[-1] + "\n")

@@ -82,10 +82,8 @@ def _engine_args(enforce_eager: bool | None = None, dtype: str | None = None) ->
 
     [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")
     engine = settings.engine
-    if enforce_eager is not None:
-        engine = engine.model_copy(update={"enforce_eager": enforce_eager})
-    if dtype is not None:
-        engine = engine.model_copy(update={"dtype": dtype})
+    overrides = {"enforce_eager": enforce_eager, "dtype": dtype}
+    engine = engine.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     spec = EngineSpec(model=resolve_model(settings.model.source), served_model_name=MODEL, role="colocated",
                       engine=engine, kv_connector=settings.kv_connector, engine_id="bare")
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kv_cache_space_gib),
