@@ -49,15 +49,22 @@ def test_nixl_delay_set_in_engine_worker_processes(cluster):
 
 
 def _engine_workers(replica_pid: int) -> list[psutil.Process]:
-    """The vLLM worker processes (the model runs in their main thread) under one engine replica."""
+    """The vLLM worker processes (the model runs in their main thread) under one engine replica: replica ->
+    EngineCore -> worker, each spawned with the engine's cores in its environment. Found by their place in the tree,
+    not by the titles vLLM gives them (``VLLM::Worker``): a CI run once saw a whole engine tree titled ``python3``."""
     out = []
     for proc in _tree(replica_pid)[1:]:
         try:
-            if "VLLM_CPU_OMP_THREADS_BIND" in proc.environ() and proc.name().startswith("VLLM::Worker"):
+            if ("VLLM_CPU_OMP_THREADS_BIND" in proc.environ() and proc.ppid() != replica_pid
+                    and not _is_resource_tracker(proc)):
                 out.append(proc)
         except psutil.NoSuchProcess:
             continue
     return out
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    return any("resource_tracker" in arg for arg in proc.cmdline())
 
 
 def _replica_workers(cluster, dep: str, app: str, timeout_s: float = 120) -> dict[int, list[psutil.Process]]:
@@ -77,8 +84,9 @@ def _replica_workers(cluster, dep: str, app: str, timeout_s: float = 120) -> dic
         time.sleep(2)
 
 
-def _names(pid: int) -> list[tuple[int, str, bool]]:
-    """Each process of a tree: pid, name, and whether its environment names its cores."""
+def _names(pid: int) -> list[tuple[int, int, str, str, str, bool]]:
+    """Each process of a tree: pid, parent pid, name, state (e.g. stopped), command line, and whether its
+    environment names its cores."""
     out = []
     try:
         procs = _tree(pid)
@@ -86,7 +94,8 @@ def _names(pid: int) -> list[tuple[int, str, bool]]:
         return []
     for proc in procs:
         try:
-            out.append((proc.pid, proc.name(), "VLLM_CPU_OMP_THREADS_BIND" in proc.environ()))
+            out.append((proc.pid, proc.ppid(), proc.name(), proc.status(), " ".join(proc.cmdline())[:80],
+                        "VLLM_CPU_OMP_THREADS_BIND" in proc.environ()))
         except psutil.NoSuchProcess:
             continue
     return out
@@ -124,8 +133,8 @@ def test_engine_core_waits_without_spinning(cluster, http):
     [replica, *_] = cluster.replicas("ColocatedServer", "colocated")
     tree = _tree(replica.pid)
     workers = _engine_workers(replica.pid)
-    cores = [p for p in tree[1:] if p.name().startswith("VLLM::EngineCor")]
-    assert workers and cores, [p.name() for p in tree]
+    cores = [p for p in tree[1:] if p.ppid() == replica.pid and not _is_resource_tracker(p)]
+    assert workers and cores, _names(replica.pid)
     before = (_cpu_seconds(cores), _cpu_seconds(workers))
     resp = http.post(cluster.colocated + "/completions",
                      json={"model": cluster.model, "prompt": tagged(uuid.uuid4().hex[:6], SHORT), "max_tokens": 48,
