@@ -59,22 +59,24 @@ def _pdserve(*args: str, timeout_s: float = 1200) -> None:
                    env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
-def _config(setup: str, out: Path) -> Path:
+def _config(setup: str, out: Path, engine_dtype: str | None = None) -> Path:
     kind, path, edits = SETUPS[setup]
     assert kind == "pdserve", f"{setup} is not started from a pdserve config"
     doc = yaml.safe_load((ROOT / path).read_text())
     args = doc["applications"][0]["args"]
     for key, value in edits.items():
         args[key] = args.get(key, {}) | value
+    if engine_dtype:
+        args["engine"] = args.get("engine", {}) | {"dtype": engine_dtype}
     target = out / f"{setup}.yaml"
     target.write_text(yaml.safe_dump(doc))
     return target
 
 
-def _start(setup: str, out: Path) -> None:
+def _start(setup: str, out: Path, engine_dtype: str | None = None) -> None:
     kind, target, _ = SETUPS[setup]
     if kind == "pdserve":
-        _pdserve("up", "--config", str(_config(setup, out)))
+        _pdserve("up", "--config", str(_config(setup, out, engine_dtype)))
     else:
         subprocess.run([sys.executable, "-m", "loadtests.peer", "up", "--variant", target], check=True,
                        timeout=1200, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
@@ -284,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ignore-eos", action="store_true", help="answers of exactly --max-tokens: every setup then gets "
                    "the same work (the model samples at temperature 1: answers otherwise end at random lengths)")
+    p.add_argument("--engine-dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="every pdserve setup's engine.dtype instead of its config's (bfloat16): e.g. float32 on a CPU "
+                   "without bf16 instructions (see machine:). The peer runs as shipped: not with peer setups")
     p.add_argument("--out", default="bench-results", help="results folder")
     args = p.parse_args(argv)
     setups, profiles = args.setups.split(","), args.profiles.split(",")
@@ -291,13 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setup(s): {', '.join(sorted(unknown))}")
+    if args.engine_dtype and set(setups) & set(PEERS):
+        p.error(f"--engine-dtype applies to pdserve setups only; drop {', '.join(sorted(set(setups) & set(PEERS)))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict]]] = {profile: {} for profile in profiles}
     from deployments.settings import EngineSettings
 
-    _say(f"engines as users get them by default: enforce_eager={EngineSettings().enforce_eager} "
+    defaults = EngineSettings()
+    _say(f"engines as users get them by default: enforce_eager={defaults.enforce_eager} "
          "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
+    dtype = args.engine_dtype or defaults.dtype
+    _say(f"engine dtype: {dtype}" + (" (--engine-dtype, not the default)" if args.engine_dtype else " (default)"))
     on = machine()
     _say(f"machine: {on}")
     started = time.monotonic()
@@ -305,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"starting {setup} fresh")
         _stop(setup)
         t0 = time.monotonic()
-        _start(setup, out)
+        _start(setup, out, args.engine_dtype)
         _say(f"{setup} ready in {time.monotonic() - t0:.0f} s")
         try:
             for profile in profiles:
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
             _stop(setup)
-    md = [f"Machine: {on}."]
+    md = [f"Machine: {on}. Engine dtype: {dtype}" + (" (--engine-dtype)." if args.engine_dtype else " (default).")]
     for profile in profiles:
         md.append(report(results[profile], profile))
         (out / profile / "bench.md").write_text(md[-1] + "\n")

@@ -100,6 +100,21 @@ def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
     assert {BASE, "pdserve-pd"} <= set(DEFAULT_SETUPS) and set(PEERS) & set(DEFAULT_SETUPS)
 
 
+def test_engine_dtype_applies_to_every_engine_of_every_pdserve_setup_and_refuses_the_peer(tmp_path):
+    from deployments.settings import load_serve_config
+    from loadtests.bench import main
+
+    for setup, (kind, _, _) in SETUPS.items():
+        if kind != "pdserve":
+            continue
+        [(_, default)] = load_serve_config(_config(setup, tmp_path))
+        [(_, fp32)] = load_serve_config(_config(setup, tmp_path, "float32"))
+        pools = [p for p in (fp32.prefill, fp32.decode, fp32.colocated, fp32.elastic) if p]
+        assert default.engine.dtype == "bfloat16" and {p.engine_for(fp32.engine).dtype for p in pools} == {"float32"}
+    with pytest.raises(SystemExit):  # argparse's error: the peer's dtype is its own
+        main(["--setups", "pdserve-colocated,rayllm-pd", "--engine-dtype", "float32", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize("peer", PEERS)
 def test_peer_config_is_accepted_by_ray_serve_llm_and_uses_the_same_cores(peer):
     from ray.llm._internal.serve.serving_patterns.prefill_decode.builder import PDServingArgs
