@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = EngineSettings()
     _say(f"engines as users get them by default: enforce_eager={defaults.enforce_eager} "
          "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
-    dtype = args.engine_dtype or defaults.dtype
-    _say(f"engine dtype: {dtype}" + (" (--engine-dtype, not the default)" if args.engine_dtype else " (default)"))
+    dtype = f"{args.engine_dtype} (--engine-dtype)" if args.engine_dtype else f"{defaults.dtype} (default)"
+    _say(f"engine dtype: {dtype}")
     on = machine()
     _say(f"machine: {on}")
     started = time.monotonic()
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
             _stop(setup)
-    md = [f"Machine: {on}. Engine dtype: {dtype}" + (" (--engine-dtype)." if args.engine_dtype else " (default).")]
+    md = [f"Machine: {on}. Engine dtype: {dtype}."]
     for profile in profiles:
         md.append(report(results[profile], profile))
         (out / profile / "bench.md").write_text(md[-1] + "\n")

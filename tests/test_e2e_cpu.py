@@ -48,19 +48,24 @@ def test_nixl_delay_set_in_engine_worker_processes(cluster):
         assert children & logged, f"{deployment}: no engine process of pid {replica_pid} logged the NIXL delay"
 
 
-def _engine_workers(replica_pid: int) -> list[psutil.Process]:
-    """The vLLM worker processes (the model runs in their main thread) under one engine replica: replica ->
-    EngineCore -> worker, each spawned with the engine's cores in its environment. Found by their place in the tree,
-    not by the titles vLLM gives them (``VLLM::Worker``): a CI run once saw a whole engine tree titled ``python3``."""
-    out = []
+def _engine_processes(replica_pid: int) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """The EngineCores and vLLM worker processes (the model runs in their main thread) under one engine replica:
+    replica -> EngineCore -> worker, each spawned with the engine's cores in its environment; the multiprocessing
+    resource tracker, also the replica's child, set apart. Found by their place in the tree, not by the titles vLLM
+    gives them (``VLLM::Worker``): a CI run once saw a whole engine tree titled ``python3``."""
+    cores, workers = [], []
     for proc in _tree(replica_pid)[1:]:
         try:
-            if ("VLLM_CPU_OMP_THREADS_BIND" in proc.environ() and proc.ppid() != replica_pid
-                    and not _is_resource_tracker(proc)):
-                out.append(proc)
+            if "VLLM_CPU_OMP_THREADS_BIND" not in proc.environ() or _is_resource_tracker(proc):
+                continue
+            (cores if proc.ppid() == replica_pid else workers).append(proc)
         except psutil.NoSuchProcess:
             continue
-    return out
+    return cores, workers
+
+
+def _engine_workers(replica_pid: int) -> list[psutil.Process]:
+    return _engine_processes(replica_pid)[1]
 
 
 def _is_resource_tracker(proc: psutil.Process) -> bool:
@@ -131,9 +136,7 @@ def test_engine_core_waits_without_spinning(cluster, http):
     """While the model runs, the EngineCore process waits for its worker by blocking, not by spinning a core
     (cpu_plugin): over a 48-token answer it uses a small share of what the worker uses."""
     [replica, *_] = cluster.replicas("ColocatedServer", "colocated")
-    tree = _tree(replica.pid)
-    workers = _engine_workers(replica.pid)
-    cores = [p for p in tree[1:] if p.ppid() == replica.pid and not _is_resource_tracker(p)]
+    cores, workers = _engine_processes(replica.pid)
     assert workers and cores, _names(replica.pid)
     before = (_cpu_seconds(cores), _cpu_seconds(workers))
     resp = http.post(cluster.colocated + "/completions",
