@@ -150,10 +150,10 @@ DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_INGRESS_PORT + 99)}
 
 
-def setup_url(env: dict | None) -> str:
+def setup_url(env: dict | None, proxy_port: int) -> str:
     """Where a setup's requests go: the ingress replica's own port with direct ingress, else Serve's proxy."""
     direct = (env or {}).get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
-    return f"http://127.0.0.1:{DIRECT_INGRESS_PORT if direct else 8000}"
+    return f"http://127.0.0.1:{DIRECT_INGRESS_PORT if direct else proxy_port}"
 
 
 def _pdserve(*args: str, env: dict | None = None) -> None:
@@ -218,13 +218,15 @@ def interleaved(baseline: Callable[[str], RequestSample], setup: Callable[[str],
 @contextmanager
 def pdserve_colocated(out: Path, env: dict | None = None) -> Iterator[str]:
     """pdserve's colocated app (one replica, core 0) with ``env`` added to its nodes' environment: its URL."""
+    from deployments.settings import load_serve_config
+
     doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
     config = out / "overhead-colocated.yaml"
     config.write_text(yaml.safe_dump(doc))
     _pdserve("down")
     _pdserve("up", "--config", str(config), env=env)
     try:
-        yield setup_url(env)
+        yield setup_url(env, load_serve_config(config)[0][1].http.port)
     finally:
         _pdserve("down")
 
