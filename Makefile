@@ -65,10 +65,10 @@ test-unit: install
 # time: loadtests/overhead.py. Results in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
-	$(BIN)/python -m loadtests.overhead --main-loop --out $(or $(BENCH_OUT),bench-results)
+	$(BIN)/python -m loadtests.overhead --main-loop --direct-ingress --out $(or $(BENCH_OUT),bench-results)
 
 bench-overhead: install
-	$(BIN)/python -m loadtests.overhead --main-loop --out $(or $(BENCH_OUT),bench-results)
+	$(BIN)/python -m loadtests.overhead --main-loop --direct-ingress --out $(or $(BENCH_OUT),bench-results)
 
 # Compiled vs eager engines: startup cost, prefill speed (long-prompt TTFT) and decode speed (TPOT):
 # loadtests/compile_choice.py, results in docs/benchmarks.md (they chose engine.enforce_eager's default).

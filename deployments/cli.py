@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from .models import cache_dir, prepare_default_model, prepare_tiny_model
-from .settings import API_KEY_ENV, DEFAULT_MODEL, RAY_NODE_ENV, SettingsError, load_serve_config
+from .settings import API_KEY_ENV, DEFAULT_MODEL, SettingsError, load_serve_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "local-disaggregated.yaml"
 METRICS_PORT = 8080  # Ray's metrics export port, KubeRay's convention
@@ -32,8 +32,9 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def _connect(start_if_missing: bool, num_cpus: int) -> bool:
-    """Connect to RAY_ADDRESS or a running local cluster; start a local head if asked. True if started."""
+def _connect(start_if_missing: bool, num_cpus: int, node_env: dict[str, str] | None = None) -> bool:
+    """Connect to RAY_ADDRESS or a running local cluster; start a local head (environment ``node_env``) if asked.
+    True if started."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
@@ -49,7 +50,7 @@ def _connect(start_if_missing: bool, num_cpus: int) -> bool:
     subprocess.run(
         [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
          "--disable-usage-stats", "--include-dashboard=false"],
-        check=True, stdout=subprocess.DEVNULL, env=RAY_NODE_ENV | os.environ,
+        check=True, stdout=subprocess.DEVNULL, env=(node_env or {}) | os.environ,
     )
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     return True
@@ -122,8 +123,10 @@ def cmd_up_multinode(args) -> int:
         return 2
     if any(s.model.source == DEFAULT_MODEL for _, s in apps):
         prepare_default_model()  # once, before the nodes start: their replicas share this machine's cache folder
+    from .api.direct_ingress import ray_node_env
+
     try:
-        state = multinode.start(topo, ray_cli(), RAY_NODE_ENV)
+        state = multinode.start(topo, ray_cli(), ray_node_env([s for _, s in apps]))
     except RuntimeError as exc:
         print(f"pdserve: {exc}", file=sys.stderr)
         return 1
@@ -159,9 +162,10 @@ def cmd_up(args) -> int:
 
     from ray import serve
 
+    from .api.direct_ingress import direct_ingress_urls, ray_node_env
     from .app import build_app
 
-    started = _connect(True, args.num_cpus)
+    started = _connect(True, args.num_cpus, ray_node_env([s for _, s in apps]))
     state = {"started_head": started, "apps": [a.name for a, _ in apps]}
     if _state_file().exists():
         old = json.loads(_state_file().read_text())
@@ -187,12 +191,19 @@ def cmd_up(args) -> int:
     # Listening on every address: clients reach it on the head node's Ray address.
     host = ray.util.get_node_ip_address() if http.host in ("0.0.0.0", "::") else http.host
     base = f"http://{host}:{http.port}"
-    for app, _ in apps:
-        wait_http(f"{base}{app.route_prefix.rstrip('/')}/health", args.timeout)
+    try:
+        direct = direct_ingress_urls([a.name for a, _ in apps], http) if http.direct_ingress_port else {}
+        for app, _ in apps:
+            for url in (base, *direct.get(app.name, [])):
+                wait_http(f"{url}{app.route_prefix.rstrip('/')}/health", args.timeout)
+    except TimeoutError as exc:
+        print(f"pdserve: {exc}\nreplica logs: /tmp/ray/session_latest/logs/serve/", file=sys.stderr)
+        return 1
     _say(f"ready in {time.monotonic() - t0:.0f} s")
     for app, settings in apps:
-        print(f"{app.name}: {base}{app.route_prefix.rstrip('/')}/v1 ({settings.mode}, model "
-              f"'{settings.model.served_model_name}')")
+        urls = [f"{u}{app.route_prefix.rstrip('/')}/v1" for u in (*direct.get(app.name, []), base)]
+        via = f"; direct ingress, also through Serve's proxy: {urls[-1]}" if len(urls) > 1 else ""
+        print(f"{app.name}: {urls[0]} ({settings.mode}, model '{settings.model.served_model_name}'{via})")
     print(f"metrics: http://{'127.0.0.1' if started else ray.util.get_node_ip_address()}:{METRICS_PORT}/metrics")
     return 0
 

@@ -28,6 +28,9 @@ API_KEY_ENV = "PDSERVE_API_KEY"
 # one request at a time got ~5% faster, but static PD's goodput on `chat` fell from 1.8 to 1.2 req/s
 # (docs/benchmarks.md, serving overhead).
 RAY_NODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+# Direct ingress (http.direct_ingress_port): ports the Ingress replicas of one node may take, from that port up
+# (deployments/api/direct_ingress.py).
+DIRECT_INGRESS_SPAN = 100
 
 
 class _Strict(BaseModel):
@@ -280,7 +283,23 @@ class IngressSettings(_Strict):
 
 class HttpSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API (Serve's HTTP proxy).")
+    direct_ingress_port: int | None = Field(
+        None, ge=1, le=65435, description="If set, the Ingress replica also serves the API itself on this port (Ray "
+        "Serve's direct ingress), without the proxy's hop: ~10 ms less TTFT per request (docs/benchmarks.md, serving "
+        "overhead). The proxy keeps serving on `port`. The Ray nodes need Serve's direct-ingress environment "
+        "(deployments/api/direct_ingress.py; `pdserve up`, the local multi-node launcher and the Helm chart set it); "
+        "the Ingress refuses to start without it. One Ingress replica per node takes the lowest free port from this "
+        "one up (99 above it): with one application it is this port; `pdserve up` prints each application's.",
+    )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> HttpSettings:
+        if self.direct_ingress_port is not None and 0 <= self.port - self.direct_ingress_port < DIRECT_INGRESS_SPAN:
+            raise ValueError(f"http.direct_ingress_port: its ports {self.direct_ingress_port}-"
+                             f"{self.direct_ingress_port + DIRECT_INGRESS_SPAN - 1} must not include http.port "
+                             f"{self.port} (Serve's proxy holds it)")
+        return self
 
 
 class PDServeSettings(_Strict):

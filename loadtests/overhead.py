@@ -13,9 +13,9 @@ and each setup's ratio is to the baseline's requests interleaved with its own. S
 - ``pdserve-main-loop`` (``--main-loop``): pdserve's app with each replica's code and each handle's router on the
   replica's main event loop (Serve's default: an event loop of their own thread each): what that choice would gain
   one request at a time (docs/benchmarks.md: it costs goodput under load, so it is not the default).
-- ``pdserve-direct-ingress`` (``--direct-ingress``): pdserve's app with Ray Serve's experimental direct ingress
-  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the ingress replica serves HTTP itself on a port of its own (the proxy
-  keeps 8000), no proxy → ingress hop and no call back to the proxy for the request body.
+- ``pdserve-direct-ingress``: pdserve's app with ``http.direct_ingress_port`` set (Ray Serve's direct ingress): the
+  ingress replica serves HTTP itself on a port of its own (the proxy keeps 8000), no proxy → ingress hop and no call
+  back to the proxy for the request body. Requests go to that port.
 
     python -m loadtests.overhead --num-requests 30 --main-loop --out docs/benchmarks    (or: make bench-overhead)
 
@@ -142,18 +142,17 @@ def summary(samples: list[RequestSample]) -> dict[str, float]:
 
 # Each replica's code and each handle's router on the replica's main event loop (not Serve's default).
 MAIN_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-# Ray Serve's experimental direct ingress: the ingress replica listens itself, on a port of its own. Serve's proxy
-# still holds 8000, so a request sent there takes the proxy hop as before (this row once measured that by mistake).
+# http.direct_ingress_port of the direct-ingress row: the ingress replica listens itself, on a port of its own.
+# Serve's proxy still holds 8000, so a request sent there takes the proxy hop as before (this row once measured that
+# by mistake).
 DIRECT_INGRESS_PORT = 8200  # BARE_PORT is the baseline's
-DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                      "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_INGRESS_PORT),
-                      "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_INGRESS_PORT + 99)}
+DIRECT_INGRESS_HTTP = {"direct_ingress_port": DIRECT_INGRESS_PORT}
 
 
-def setup_url(env: dict | None, proxy_port: int) -> str:
-    """Where a setup's requests go: the ingress replica's own port with direct ingress, else Serve's proxy."""
-    direct = (env or {}).get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
-    return f"http://127.0.0.1:{DIRECT_INGRESS_PORT if direct else proxy_port}"
+def setup_url(http) -> str:
+    """Where a setup's requests go (``http``: its HttpSettings): the ingress replica's own port with direct ingress,
+    else Serve's proxy."""
+    return f"http://127.0.0.1:{http.direct_ingress_port or http.port}"
 
 
 def _pdserve(*args: str, env: dict | None = None) -> None:
@@ -216,17 +215,23 @@ def interleaved(baseline: Callable[[str], RequestSample], setup: Callable[[str],
 
 
 @contextmanager
-def pdserve_colocated(out: Path, env: dict | None = None) -> Iterator[str]:
-    """pdserve's colocated app (one replica, core 0) with ``env`` added to its nodes' environment: its URL."""
+def pdserve_colocated(out: Path, env: dict | None = None, http: dict | None = None,
+                      dtype: str | None = None) -> Iterator[str]:
+    """pdserve's colocated app (one replica, core 0) with ``env`` added to its nodes' environment, ``http`` to its
+    http settings and ``dtype`` (if given) as its engine's: its URL."""
     from deployments.settings import load_serve_config
 
     doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
+    args = doc["applications"][0]["args"]
+    args["http"] = args.get("http", {}) | (http or {})
+    if dtype:
+        args["engine"] = args.get("engine", {}) | {"dtype": dtype}
     config = out / "overhead-colocated.yaml"
     config.write_text(yaml.safe_dump(doc))
     _pdserve("down")
     _pdserve("up", "--config", str(config), env=env)
     try:
-        yield setup_url(env, load_serve_config(config)[0][1].http.port)
+        yield setup_url(load_serve_config(config)[0][1].http)
     finally:
         _pdserve("down")
 
@@ -250,18 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=60, help="about 64 prompt tokens")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--direct-ingress", action="store_true", help="also run pdserve with Serve's direct ingress")
+    p.add_argument("--direct-ingress", action="store_true", help="also run pdserve with http.direct_ingress_port")
     p.add_argument("--main-loop", action="store_true", help="also run pdserve with replica code on the main loop")
+    p.add_argument("--engine-dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="every engine's dtype (baseline's and pdserve's) instead of the config's, e.g. float32 on a "
+                   "CPU without bf16 instructions, where a 64-token bf16 prefill takes seconds and hides the overhead")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = os.environ.get("PDSERVE_API_KEY")
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    setups = [("pdserve", None)]
+    setups: list[tuple[str, dict | None, dict | None]] = [("pdserve", None, None)]  # (name, node env, http)
     if args.main_loop:
-        setups.append(("pdserve-main-loop", MAIN_LOOP_ENV))
+        setups.append(("pdserve-main-loop", MAIN_LOOP_ENV, None))
     if args.direct_ingress:
-        setups.append(("pdserve-direct-ingress", DIRECT_INGRESS_ENV))
+        setups.append(("pdserve-direct-ingress", None, DIRECT_INGRESS_HTTP))
     n, first = args.num_requests + 3, 0
 
     def batch() -> tuple[list[str], list[str]]:  # (warmup, measured): prompts no engine here saw before
@@ -273,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     results: dict[str, dict[str, dict[str, float]]] = {}
-    with bare_server(out) as (bare_url, _):
+    from .bench import machine
+
+    dtype = args.engine_dtype or "the config's"
+    _say(f"machine: {machine()}; engine dtype: {dtype}")
+    with bare_server(out, dtype=args.engine_dtype) as (bare_url, _):
         _say("vLLM's own server, alone")
         bare = sample_http(bare_url, args.max_tokens)
         warmup, texts = batch()
@@ -281,10 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             bare(text)
         alone = summary([bare(text) for text in texts])
         results["vllm"] = {"setup": alone, "baseline": alone}
-        for name, env in setups:
+        for name, env, http in setups:
             _say(f"{name}, interleaved with vLLM's own server")
             try:
-                with pdserve_colocated(out, env) as url:
+                with pdserve_colocated(out, env, http, args.engine_dtype) as url:
                     base, setup = interleaved(bare, sample_http(url, args.max_tokens, headers), batch())
                     results[name] = {"setup": summary(setup), "baseline": summary(base)}
                     if name == "pdserve":  # once per process: a second Serve connection keeps the first's replicas
@@ -293,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                         results["pdserve-handle"] = {"setup": summary(setup), "baseline": summary(base)}
                         ray.shutdown()
             except Exception as exc:  # Serve's experimental modes: say what failed, keep the other rows
-                if env is None:
+                if env is None and http is None:
                     raise
                 _say(f"{name} failed: {exc!r}")
-    md = table(results)
-    (out / "overhead.json").write_text(json.dumps(results, indent=1))
+    md = f"{machine()}; engine dtype: {dtype}\n\n" + table(results)
+    (out / "overhead.json").write_text(json.dumps(results | {"machine": machine(), "engine_dtype": dtype}, indent=1))
     (out / "overhead.md").write_text(md + "\n")
     print(md)
     return 0

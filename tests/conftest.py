@@ -33,8 +33,8 @@ AUTH = {"authorization": f"Bearer {API_KEY}"}
 # its own, removed before the next one starts), the idle-CPU test wants a quiet cluster, the resilience tests kill
 # replicas, and the metrics tests check (among others) metrics that failures create.
 CLUSTER_MODULE_ORDER = ["test_e2e_multinode", "test_e2e_elastic", "test_e2e_cpu", "test_e2e_errors",
-                        "test_e2e_requests", "test_e2e_outputs", "test_e2e_loadtest", "test_e2e_resilience",
-                        "test_e2e_metrics"]
+                        "test_e2e_requests", "test_e2e_direct_ingress", "test_e2e_outputs", "test_e2e_loadtest",
+                        "test_e2e_resilience", "test_e2e_metrics"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,8 +47,9 @@ def pytest_collection_modifyitems(config, items):
 
 @dataclass
 class Cluster:
-    base: str
+    base: str  # Serve's proxy
     model: str
+    direct: dict[str, str]  # route prefix -> base URL of its Ingress replica's own port (direct ingress)
 
     @property
     def pd(self) -> str:
@@ -57,6 +58,14 @@ class Cluster:
     @property
     def colocated(self) -> str:
         return f"{self.base}/colocated/v1"
+
+    @property
+    def direct_pd(self) -> str:
+        return f"{self.direct['/']}/v1"
+
+    @property
+    def direct_colocated(self) -> str:
+        return f"{self.direct['/colocated']}/colocated/v1"
 
     def stats(self, deployment: str, app: str = "pdserve", replica: str | None = None):
         """Engine counters of one replica of a deployment (a given one, or any)."""
@@ -96,6 +105,18 @@ class Replica:
 
 # The e2e cluster's routing settings (the rest as by default).
 E2E_ROUTING = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "max_queued_requests": 16}
+# Its applications are served both through Serve's proxy (8000) and on their Ingress replicas' own ports from this
+# one up (http.direct_ingress_port): the tests reach both entry points.
+E2E_DIRECT_INGRESS_PORT = 8010
+
+
+def direct_ingress_bases(num_apps: int) -> dict[str, str]:
+    """Route prefix -> base URL of the Ingress replica on each direct-ingress port (Serve's /-/routes there)."""
+    out = {}
+    for port in range(E2E_DIRECT_INGRESS_PORT, E2E_DIRECT_INGRESS_PORT + num_apps):
+        routes = httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=10).json()
+        out |= {prefix: f"http://127.0.0.1:{port}" for prefix in routes}
+    return out
 
 
 def _combined_config(tmp: Path) -> Path:
@@ -112,6 +133,8 @@ def _combined_config(tmp: Path) -> Path:
     # and breaker cooldown keep the failure tests short.
     args["routing"] = dict(E2E_ROUTING)
     args["engine"]["max_num_seqs"] = 4
+    for app in pd["applications"] + [colo_app]:
+        app["args"]["http"] = {"direct_ingress_port": E2E_DIRECT_INGRESS_PORT}
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))
     return path
@@ -126,7 +149,7 @@ def cluster(tmp_path_factory):
         import ray
 
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-        yield Cluster(base="http://127.0.0.1:8000", model="smollm2-135m-instruct")
+        yield Cluster(base="http://127.0.0.1:8000", model="smollm2-135m-instruct", direct=direct_ingress_bases(2))
         return
     up = subprocess.run([PDSERVE, "up", "--config", str(config)], env=env, timeout=1200,
                         capture_output=True, text=True)
@@ -138,7 +161,11 @@ def cluster(tmp_path_factory):
 
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
         settings = yaml.safe_load(config.read_text())["applications"][0]["args"]
-        yield Cluster(base="http://127.0.0.1:8000", model=settings["model"]["served_model_name"])
+        direct = direct_ingress_bases(2)
+        # `pdserve up` names each application's direct-ingress URL first, the proxy's after it
+        assert f"pdserve: {direct['/']}/v1 (" in up.stdout and f"colocated: {direct['/colocated']}/colocated/v1 (" \
+            in up.stdout, up.stdout
+        yield Cluster(base="http://127.0.0.1:8000", model=settings["model"]["served_model_name"], direct=direct)
     finally:
         try:
             import ray

@@ -143,16 +143,15 @@ def test_machine_line_says_whether_the_cpu_has_bf16_instructions():
 
 
 def test_overhead_direct_ingress_row_targets_the_ingress_replica_not_the_proxy():
-    """With Serve's direct ingress the proxy still holds port 8000: the row must send to the replica's own port, or it
+    """With direct ingress the proxy still holds port 8000: the row must send to the replica's own port, or it
     measures the proxy hop it means to remove."""
-    from deployments.settings import load_serve_config
-    from loadtests.overhead import BARE_PORT, DIRECT_INGRESS_ENV, DIRECT_INGRESS_PORT, MAIN_LOOP_ENV, ROOT, setup_url
+    from deployments.settings import DIRECT_INGRESS_SPAN, HttpSettings, load_serve_config
+    from loadtests.overhead import BARE_PORT, DIRECT_INGRESS_HTTP, DIRECT_INGRESS_PORT, ROOT, setup_url
 
     [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")  # the config the benchmark deploys
     proxy = settings.http.port
-    assert proxy == 8000
-    assert setup_url(None, proxy) == setup_url(MAIN_LOOP_ENV, proxy) == "http://127.0.0.1:8000"
-    assert setup_url(DIRECT_INGRESS_ENV, proxy) == f"http://127.0.0.1:{DIRECT_INGRESS_PORT}" != setup_url(None, proxy)
-    low = int(DIRECT_INGRESS_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"])
-    high = int(DIRECT_INGRESS_ENV["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
-    assert low == DIRECT_INGRESS_PORT <= high and not low <= proxy <= high and not low <= BARE_PORT <= high
+    assert proxy == 8000 and settings.http.direct_ingress_port is None
+    direct = HttpSettings(**settings.http.model_dump() | DIRECT_INGRESS_HTTP)
+    assert setup_url(settings.http) == "http://127.0.0.1:8000"
+    assert setup_url(direct) == f"http://127.0.0.1:{DIRECT_INGRESS_PORT}"
+    assert not 0 <= BARE_PORT - DIRECT_INGRESS_PORT < DIRECT_INGRESS_SPAN  # its port range leaves the baseline's

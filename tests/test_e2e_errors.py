@@ -30,7 +30,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("base_attr", ["pd", "colocated"])
+@pytest.mark.parametrize("base_attr", ["pd", "colocated", "direct_pd", "direct_colocated"])
 def test_bad_input_is_a_clear_4xx(cluster, http, case, base_attr):
     make, status, needle = CASES[case]
     payload = make(cluster.model)
@@ -47,7 +47,7 @@ def test_bad_input_is_a_clear_4xx(cluster, http, case, base_attr):
 
 
 def test_server_healthy_after_bad_input(cluster, http):
-    for base in (cluster.pd, cluster.colocated):
+    for base in (cluster.pd, cluster.colocated, cluster.direct_pd, cluster.direct_colocated):
         http.post(base + "/chat/completions", content=b"{oops")
         assert http.get(base.removesuffix("/v1") + "/health").status_code == 200
         resp = http.post(base + "/completions", json={"model": cluster.model, "prompt": SHORT, "max_tokens": 4})

@@ -94,11 +94,12 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_prefill_replica(cluster):
     assert hits >= 3 * 300, f"prefix cache hits on {replica}: {hits}"  # requests 2-4 reuse the ~400-token prefix
 
 
-def test_client_disconnect_mid_stream_frees_both_engines(cluster):
+@pytest.mark.parametrize("entry", ["pd", "direct_pd"], ids=["via-proxy", "direct-ingress"])
+def test_client_disconnect_mid_stream_frees_both_engines(cluster, entry):
     body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, LONG), "max_tokens": 1500,
             "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60, headers=AUTH) as client, \
-            client.stream("POST", cluster.pd + "/completions", json=body) as resp:
+            client.stream("POST", getattr(cluster, entry) + "/completions", json=body) as resp:
         assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated"
         engines = [("DecodeServer", resp.headers["x-pdserve-decode-replica"]),
                    ("PrefillServer", resp.headers["x-pdserve-prefill-replica"])]
@@ -346,14 +347,15 @@ def _routing_retry_counts() -> list[int]:
     return [int(m) for m in re.findall(r"Failed to route request after (\d+) attempts", _ingress_log())]
 
 
-def test_overload_answers_429_and_recovers(cluster):
+@pytest.mark.parametrize("entry", ["pd", "direct_pd"], ids=["via-proxy", "direct-ingress"])
+def test_overload_answers_429_and_recovers(cluster, entry):
     body = lambda i: {"model": cluster.model, "prompt": tagged(f"load-{i}", SHORT), "max_tokens": 48,  # noqa: E731
                       "temperature": 0, "ignore_eos": True}
     num_retry_warnings = len(_routing_retry_counts())
     with ThreadPoolExecutor(64) as pool:
         t0 = time.monotonic()
-        resps = list(pool.map(lambda i: httpx.post(cluster.pd + "/completions", json=body(i), timeout=300,
-                                                   headers=AUTH), range(64)))
+        resps = list(pool.map(lambda i: httpx.post(getattr(cluster, entry) + "/completions", json=body(i),
+                                                   timeout=300, headers=AUTH), range(64)))
     statuses = [r.status_code for r in resps]
     rejected = [r for r in resps if r.status_code == 429]
     assert rejected and set(statuses) <= {200, 429}, statuses

@@ -28,7 +28,7 @@ from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
 
 CI_IDS = [p.name for p in CI_VALUES]
 EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml",
-               "gpu-rdma-values.yaml", "elastic-values.yaml"}
+               "gpu-rdma-values.yaml", "elastic-values.yaml", "direct-ingress-values.yaml"}
 POOLS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 MODE_POOLS = {"disaggregated": POOLS, "elastic": {"elastic": "ElasticServer"}}
 RAY_CONTAINERS = {"head": "ray-head", "prefill": "ray-worker", "decode": "ray-worker", "elastic": "ray-worker"}
@@ -402,7 +402,8 @@ def test_ray_dashboard_and_gcs_are_not_open_to_the_cluster(rendered, name):
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert all(selector.items() <= pod.items() for pod in labels.values())  # covers head and both groups
     open_ports = _allowed_from_anywhere(policy)
-    assert open_ports == {8000, 8080}, open_ports
+    direct = settings_of(docs).http.direct_ingress_port  # the API on the Ingress replica's own port, if on
+    assert open_ports == {8000, 8080} | ({direct} if direct else set()), open_ports
     rules = policy["spec"]["ingress"]
     [own] = [r for r in rules if r.get("from") and "ports" not in r]
     assert own["from"] == [{"podSelector": {"matchLabels": selector}}]
@@ -423,11 +424,41 @@ def test_network_policy_can_restrict_api_and_metrics_sources(helm_bin, tmp_path)
 
 @pytest.mark.parametrize("name", CI_IDS)
 def test_every_ray_container_gets_the_node_env_pdserve_starts_its_own_nodes_with(rendered, name):
+    from deployments.api.direct_ingress import ray_node_env
     from deployments.settings import RAY_NODE_ENV
 
+    node_env = ray_node_env([settings_of(rendered(name))])
     for spec in ht.pod_specs(rayservice_of(rendered(name))).values():
         env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
-        assert RAY_NODE_ENV.items() <= env.items()
+        assert RAY_NODE_ENV.items() <= node_env.items() <= env.items()
+        assert ("RAY_SERVE_ENABLE_DIRECT_INGRESS" in env) == (name == "direct-ingress-values.yaml")
+
+
+def test_direct_ingress_runs_on_the_head_pod_behind_its_own_service(rendered):
+    docs = rendered("direct-ingress-values.yaml")
+    settings = settings_of(docs)
+    assert settings.http.direct_ingress_port == 8010 and settings.ingress.ray_resources == {"pdserve_head": 1}
+    ray_service = rayservice_of(docs)
+    head = ray_service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert json.loads(json.loads(head["rayStartParams"]["resources"])) == {"pdserve_head": 1}
+    ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["direct-ingress"] == 8010 and ports["serve"] == 8000
+    [service] = [d for d in of_kind(docs, "Service") if d["metadata"]["name"].endswith("-direct")]
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "ray-head"
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8010, "targetPort": "direct-ingress",
+                                         "protocol": "TCP"}]
+    ht.validate_builtin(service)
+    api_ports = [p["port"] for rule in one(docs, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert 8010 in api_ports
+    default = rendered("default-values.yaml")
+    assert not [d for d in of_kind(default, "Service") if d["metadata"]["name"].endswith("-direct")]
+    assert settings_of(default).http.direct_ingress_port is None
+
+
+def test_direct_ingress_refuses_more_than_one_ingress_replica(helm_bin):
+    proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), "--set", "serve.directIngressPort=8010",
+                   "--set", "serve.ingressReplicas=2", check=False)
+    assert proc.returncode != 0 and "set serve.ingressReplicas to 1" in proc.stderr, proc.stderr
 
 
 def test_settings_schema_is_generated_from_the_settings_model():

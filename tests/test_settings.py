@@ -168,3 +168,38 @@ def test_gpu_configs_load_and_build_offline(config):
     assert s.routing.kv_pull_timeout_s < s.routing.kv_lease_s
     built = app_deployments(s)
     assert built["DecodeServer"].ray_actor_options["num_gpus"] == s.decode.num_gpus
+
+
+def test_direct_ingress_port_range_must_leave_the_proxy_port():
+    with pytest.raises(SettingsError, match=r"http\.direct_ingress_port.*8000"):
+        parse_settings({"mode": "colocated", "colocated": {}, "http": {"port": 8000, "direct_ingress_port": 7950}})
+    ok = parse_settings({"mode": "colocated", "colocated": {}, "http": {"port": 8000, "direct_ingress_port": 8010}})
+    assert ok.http.direct_ingress_port == 8010
+
+
+def test_ray_node_env_turns_on_direct_ingress_only_when_asked():
+    from deployments.api.direct_ingress import ray_node_env
+    from deployments.settings import RAY_NODE_ENV
+
+    plain = parse_settings({"mode": "colocated", "colocated": {}})
+    direct = parse_settings({"mode": "colocated", "colocated": {}, "http": {"direct_ingress_port": 8010}})
+    assert ray_node_env([plain]) == RAY_NODE_ENV
+    env = ray_node_env([direct, direct])
+    assert RAY_NODE_ENV.items() <= env.items()
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("8010", "8109")
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"  # a restarted Ingress replica takes its port back
+
+
+def test_ingress_refuses_direct_ingress_on_a_node_started_without_it():
+    from deployments.api.direct_ingress import direct_ingress_missing, ray_node_env
+
+    plain = parse_settings({"mode": "colocated", "colocated": {}})
+    direct = parse_settings({"mode": "colocated", "colocated": {}, "http": {"direct_ingress_port": 8010}})
+    assert direct_ingress_missing(plain, {}) is None
+    assert direct_ingress_missing(direct, ray_node_env([direct])) is None
+    why = direct_ingress_missing(direct, {})
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in why and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8010" in why
+    other = ray_node_env([direct]) | {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8200"}  # started for another port
+    assert "8010" in direct_ingress_missing(direct, other)

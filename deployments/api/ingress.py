@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from ..routing.ledger import Ledger
 from ..settings import PDServeSettings
 from . import auth
 from .attempts import Pool
+from .direct_ingress import direct_ingress_missing
 from .phases import DeadlineExceeded, DecodePhase, DecodeStream, Overloaded, PrefillPhase
 from .requests import ClientRequest, inspect, parse_json
 from .trace import Trace
@@ -120,6 +122,9 @@ class Ingress:
     def __init__(self, settings: PDServeSettings, prefill: DeploymentHandle | None, decode: DeploymentHandle):
         """``prefill`` None: colocated mode; the same deployment as ``decode``: elastic mode, one pool of engines
         that play both phases, sharing one breaker (an engine that fails, fails for both)."""
+        why = direct_ingress_missing(settings, dict(os.environ))
+        if why:
+            raise RuntimeError(why)
         self.settings = settings
         self.model_name = settings.model.served_model_name
         r = settings.routing

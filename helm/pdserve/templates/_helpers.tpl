@@ -109,6 +109,10 @@ app.kubernetes.io/part-of: pdserve
   "http" (dict "host" "0.0.0.0" "port" (int $v.serve.port))
   "request_timeout_s" $v.serve.requestTimeoutS
   "overrides" $v.settings }}
+{{- if not (kindIs "invalid" $v.serve.directIngressPort) }}
+{{- $_ := set $settings.http "direct_ingress_port" (int $v.serve.directIngressPort) }}
+{{- $_ := set $settings "ingress" (dict "ray_resources" (dict "pdserve_head" 1)) }}
+{{- end }}
 {{- range $name := include "pdserve.poolNames" $ | fromJsonArray }}
 {{- $_ := set $settings $name (include "pdserve.poolSettings" (dict "name" $name "pool" (index $v $name)) | fromJson) }}
 {{- end }}
@@ -135,6 +139,9 @@ app.kubernetes.io/part-of: pdserve
 
 {{- define "pdserve.serveConfig" -}}
 {{- $v := .Values }}
+{{- if and (not (kindIs "invalid" $v.serve.directIngressPort)) (ne (int $v.serve.ingressReplicas) 1) }}
+{{- fail "serve.directIngressPort: one Ingress replica serves it on the head pod (set serve.ingressReplicas to 1)" }}
+{{- end }}
 {{- $app := dict
   "name" $v.serve.applicationName
   "route_prefix" $v.serve.routePrefix
@@ -212,6 +219,19 @@ app.kubernetes.io/part-of: pdserve
 {{- define "pdserve.env" -}}
 - name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
   value: "1"
+{{- with .Values.serve.directIngressPort }}
+{{- /* Serve's direct ingress on this port (deployments/api/direct_ingress.py ray_node_env: the same variables) */}}
+- name: RAY_SERVE_ENABLE_DIRECT_INGRESS
+  value: "1"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+  value: {{ int . | toString | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+  value: {{ add (int .) 99 | toString | quote }}
+- name: RAY_SERVE_PORT_QUARANTINE_S
+  value: "0"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+  value: "2"
+{{- end }}
 {{- if .Values.apiKey.enabled }}
 - name: PDSERVE_API_KEY
   valueFrom:
