@@ -183,8 +183,9 @@ def cmd_up(args) -> int:
     try:
         _progress_while(lambda: serve.run_many(targets), "starting engines")
     except RuntimeError as exc:
-        print(f"pdserve: deployment failed: {exc}\nreplica logs: /tmp/ray/session_latest/logs/serve/",
-              file=sys.stderr)
+        reasons = "".join(f"\n  {line}" for line in _failed_deployments([a.name for a, _ in apps]))
+        print(f"pdserve: deployment failed: {exc}{reasons}\nreplica logs: /tmp/ray/session_latest/logs/serve/; "
+              "`pdserve down` removes what was deployed", file=sys.stderr)
         return 1
     import ray
 
@@ -206,6 +207,20 @@ def cmd_up(args) -> int:
         print(f"{app.name}: {urls[0]} ({settings.mode}, model '{settings.model.served_model_name}'{via})")
     print(f"metrics: http://{'127.0.0.1' if started else ray.util.get_node_ip_address()}:{METRICS_PORT}/metrics")
     return 0
+
+
+def _failed_deployments(app_names: list[str]) -> list[str]:
+    """'<deployment>: <the error its replica raised>' for each failed deployment of these applications (Serve's
+    status message ends with the replica constructor's traceback: its last line is the error)."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception:  # the reason is best effort; the failure itself is reported either way
+        return []
+    return [f"{name}: {lines[-1]}" for app in app_names if app in apps
+            for name, d in apps[app].deployments.items() if d.status.value in ("DEPLOY_FAILED", "UNHEALTHY")
+            for lines in [[line for line in (d.message or "").splitlines() if line.strip()] or ["(no message)"]]]
 
 
 def cmd_status(args) -> int:
@@ -269,8 +284,11 @@ def cmd_down(args) -> int:
         from ray import serve
 
         for name in state.get("apps", []):
-            serve.delete(name)
-            _say(f"deleted application '{name}'")
+            try:
+                serve.delete(name)
+                _say(f"deleted application '{name}'")
+            except TimeoutError as exc:  # a replica slow to stop: the head going down below stops it too
+                _say(f"application '{name}' not deleted yet: {exc}")
     except ConnectionError:
         pass
     if state.get("started_head"):

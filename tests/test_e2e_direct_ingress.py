@@ -9,12 +9,15 @@ overload (test_e2e_resilience.py) are tested through both entry points there.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import uuid
 
 import httpx
 import pytest
+import yaml
 
-from .conftest import AUTH
+from .conftest import AUTH, E2E_DIRECT_INGRESS_PORT, PDSERVE, ROOT
 from .prompts import SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
@@ -62,3 +65,28 @@ def test_chat_stream_ends_with_done_and_equals_the_whole_answer(cluster, http):
     streamed = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
                        if json.loads(e)["choices"])
     assert streamed == whole
+
+
+def test_an_ingress_on_a_node_without_its_direct_ingress_port_refuses_and_up_says_why(cluster, tmp_path):
+    """The cluster's nodes were started for direct ingress from 8010; an app asking for another port must not start
+    silently without it: its Ingress replica refuses, and `pdserve up` prints the replica's reason."""
+    from ray import serve
+
+    doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
+    name = f"misconfigured-{uuid.uuid4().hex[:6]}"
+    app = doc["applications"][0] | {"name": name, "route_prefix": f"/{name}"}
+    app["args"]["http"] |= {"direct_ingress_port": E2E_DIRECT_INGRESS_PORT + 500}
+    app["args"]["colocated"] |= {"ray_resources": {"pdserve_nowhere": 1}}  # no engine starts: no node offers it
+    # ... and its replica that never started is stopped in seconds (its graceful shutdown follows these)
+    app["args"] |= {"request_timeout_s": 1, "routing": {"kv_lease_s": 2, "kv_pull_timeout_s": 1}}
+    config = tmp_path / "misconfigured.yaml"
+    config.write_text(yaml.safe_dump({"applications": [app]}))
+    try:
+        up = subprocess.run([PDSERVE, "up", "--config", str(config)], capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert f"Ingress: RuntimeError: http.direct_ingress_port is {E2E_DIRECT_INGRESS_PORT + 500}" in up.stderr
+        assert f"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT={E2E_DIRECT_INGRESS_PORT + 500}" in up.stderr
+    finally:
+        serve.delete(name)
+    assert httpx.get(f"{cluster.direct['/']}/health", timeout=10).status_code == 200  # the others serve on

@@ -1,0 +1,31 @@
+"""`pdserve` commands' own logic, with Ray and Serve faked at their calls (the real cluster runs in the e2e tests)."""
+
+from __future__ import annotations
+
+import json
+
+from deployments import cli
+
+
+def test_down_goes_on_past_an_application_slow_to_delete(tmp_path, monkeypatch, capsys):
+    """A replica that takes long to stop makes Serve's delete time out: `down` says so and goes on (the other
+    applications are deleted, the head it started is stopped) instead of failing with the head left running."""
+    from ray import serve
+
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    cli._state_file().write_text(json.dumps({"started_head": True, "apps": ["stuck", "fine"]}))
+    deleted, commands = [], []
+
+    def fake_delete(name):  # fake of serve.delete
+        if name == "stuck":
+            raise TimeoutError("Some of these applications weren't deleted after 60s: ['stuck']")
+        deleted.append(name)
+
+    monkeypatch.setattr(cli, "_connect", lambda *a, **k: False)
+    monkeypatch.setattr(serve, "delete", fake_delete)
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **k: commands.append(cmd))
+    assert cli.main(["down"]) == 0
+    out = capsys.readouterr().out
+    assert deleted == ["fine"] and "application 'stuck' not deleted yet" in out
+    assert any(cmd[1:3] == ["stop", "--force"] for cmd in commands) and "stopped the local Ray head" in out
+    assert not cli._state_file().exists()
