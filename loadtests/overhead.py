@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, float]]] = {}
     from .bench import machine
 
-    dtype = args.engine_dtype or "the config's"
-    _say(f"machine: {machine()}; engine dtype: {dtype}")
+    machine_line, dtype = machine(), args.engine_dtype or "the config's"  # the machine read once per run
+    _say(f"machine: {machine_line}; engine dtype: {dtype}")
     with bare_server(out, dtype=args.engine_dtype) as (bare_url, _):
         _say("vLLM's own server, alone")
         bare = sample_http(bare_url, args.max_tokens)
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 if env is None and http is None:
                     raise
                 _say(f"{name} failed: {exc!r}")
-    md = f"{machine()}; engine dtype: {dtype}\n\n" + table(results)
-    (out / "overhead.json").write_text(json.dumps(results | {"machine": machine(), "engine_dtype": dtype}, indent=1))
+    md = f"{machine_line}; engine dtype: {dtype}\n\n" + table(results)
+    (out / "overhead.json").write_text(json.dumps(results | {"machine": machine_line, "engine_dtype": dtype}, indent=1))
     (out / "overhead.md").write_text(md + "\n")
     print(md)
     return 0
