@@ -42,6 +42,7 @@ class FakePool:
         self.probe_answers: dict[str, int | None] = {}  # replica -> requests held; None: silent (frozen)
         self.probes: list[str] = []
         self.cancelled = 0
+        self.cancelled_at_probe: list[int] = []  # how many calls had been cancelled when each probe was sent
 
     def behaviour(self, replica: str) -> str:
         steps = self.script[replica]
@@ -52,6 +53,7 @@ class FakePool:
 
     async def probe(self, replica: str, timeout_s: float) -> int | None:
         self.probes.append(replica)
+        self.cancelled_at_probe.append(self.cancelled)
         answer = self.probe_answers.get(replica)
         if answer is None:
             await asyncio.sleep(timeout_s)

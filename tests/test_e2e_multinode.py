@@ -232,13 +232,15 @@ def test_cut_link_every_request_answers(nodes, api):
     assert [r.status_code for r in resps] == [200] * 6, [r.text for r in resps]
     assert all(r.headers["x-pdserve-route"] == "local_prefill" for r in resps), [dict(r.headers) for r in resps]
     time.sleep(6)  # breaker cooldown
-    deadline = time.monotonic() + 60
+    deadline, seen = time.monotonic() + 60, []
     while True:
         resp = _complete(api, tagged(f"healed-{time.monotonic()}", long_prompt(30)))
         assert resp.status_code == 200
         if resp.headers["x-pdserve-route"] == "disaggregated":
             break
-        assert time.monotonic() < deadline, dict(resp.headers)
+        seen.append({k: v for k, v in resp.headers.items() if k.startswith("x-pdserve-route") or k.endswith("fallback")}
+                    | {"at_s": round(time.monotonic() - deadline + 60, 1)})
+        assert time.monotonic() < deadline, seen
 
 
 def test_prefill_node_killed_under_load_no_request_fails(nodes, api):

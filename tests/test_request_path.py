@@ -165,6 +165,36 @@ def test_timeout_while_queueing_is_not_a_replica_failure():
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
 
 
+def test_timed_out_prefill_is_probed_before_it_is_cancelled():
+    """The probe's count must still include the timed-out request: cancelled first, a replica busy with two
+    prompts (ours and one more) would answer 1 and be taken for a slow replica, a breaker failure."""
+    prefill, decode = pools()
+    prefill.script["p1"] = [STALL]
+    prefill.probe_answers["p1"] = 2
+    ingress = fake_ingress(prefill, decode, FAST)
+    _, trace = serve(ingress, LONG)
+    assert prefill.cancelled_at_probe == [0] and prefill.cancelled == 1
+    assert trace.fallbacks == [Failure.PREFILL_QUEUED]
+
+
+@pytest.mark.parametrize("answer, backs_off", [(1, True), (7, True), (None, False)])
+def test_a_live_replica_past_its_deadline_backs_the_next_deadline_off(answer, backs_off):
+    """A replica that answers the probe is alive and slower than measured (a busy or slowed engine): the assumed
+    speed halves, so the next prompt gets a longer deadline instead of timing out the same way again. A silent
+    replica (frozen, cut off) says nothing about speed: its deadline stays, and the breaker takes it out."""
+    from deployments.routing import RouteRequest
+
+    prefill, decode = pools()
+    prefill.script["p1"] = [STALL, OK]
+    prefill.probe_answers["p1"] = answer
+    ingress = fake_ingress(prefill, decode, {"routing": FAST["routing"] | {"prefill_timeout_s": 60}})
+    before_s = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=10**6))
+    serve(ingress, LONG)
+    after_s = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=10**6))
+    base_s = FAST["routing"]["prefill_deadline_base_s"]
+    assert after_s - base_s == pytest.approx((before_s - base_s) * (2 if backs_off else 1))
+
+
 def test_prefill_client_error_is_not_a_replica_failure_and_decode_judges_the_request():
     prefill, decode = pools()
     prefill.script["p1"] = [ERROR_4XX]
