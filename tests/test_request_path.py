@@ -177,22 +177,27 @@ def test_timed_out_prefill_is_probed_before_it_is_cancelled():
     assert trace.fallbacks == [Failure.PREFILL_QUEUED]
 
 
-@pytest.mark.parametrize("answer, backs_off", [(1, True), (7, True), (None, False)])
-def test_a_live_replica_past_its_deadline_backs_the_next_deadline_off(answer, backs_off):
-    """A replica that answers the probe is alive and slower than measured (a busy or slowed engine): the assumed
-    speed halves, so the next prompt gets a longer deadline instead of timing out the same way again. A silent
-    replica (frozen, cut off) says nothing about speed: its deadline stays, and the breaker takes it out."""
-    from deployments.routing import RouteRequest
-
+def test_a_burst_timing_out_together_on_a_live_replica_is_queueing():
+    """Four prompts sent together, all past their deadline on a replica that answers holding them: queueing, not a
+    breaker failure, and later deadlines stay as measured (lengthened per timeout, they climbed to the 60 s cap in
+    one overload test, and a replica that froze after it cost each request the cap)."""
     prefill, decode = pools()
-    prefill.script["p1"] = [STALL, OK]
-    prefill.probe_answers["p1"] = answer
-    ingress = fake_ingress(prefill, decode, {"routing": FAST["routing"] | {"prefill_timeout_s": 60}})
-    before_s = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=10**6))
-    serve(ingress, LONG)
-    after_s = ingress.prefill.deadline_s(RouteRequest(num_prompt_tokens=10**6))
-    base_s = FAST["routing"]["prefill_deadline_base_s"]
-    assert after_s - base_s == pytest.approx((before_s - base_s) * (2 if backs_off else 1))
+    prefill.script["p1"] = [STALL]
+    prefill.probe_answers["p1"] = 4
+    ingress = fake_ingress(prefill, decode, FAST)
+    before = ingress.prefill.tokens_per_s
+
+    async def burst():
+        async def one(i: int):
+            trace = Trace(request_id=f"t{i}", model=ingress.model_name, timeout_s=30)
+            req = inspect("completions", LONG, ingress.model_name, ingress.settings.limits, 2048)
+            return [item async for item in ingress.serve_request(req, trace)], trace
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    results = asyncio.run(burst())
+    assert [trace.fallbacks for _, trace in results] == [[Failure.PREFILL_QUEUED]] * 4
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+    assert ingress.prefill.tokens_per_s == before
 
 
 def test_prefill_client_error_is_not_a_replica_failure_and_decode_judges_the_request():
