@@ -218,9 +218,13 @@ def _failed_deployments(app_names: list[str]) -> list[str]:
         apps = serve.status().applications
     except Exception:  # the reason is best effort; the failure itself is reported either way
         return []
-    return [f"{name}: {lines[-1]}" for app in app_names if app in apps
-            for name, d in apps[app].deployments.items() if d.status.value in ("DEPLOY_FAILED", "UNHEALTHY")
-            for lines in [[line for line in (d.message or "").splitlines() if line.strip()] or ["(no message)"]]]
+    reasons = []
+    for app in (a for a in app_names if a in apps):
+        for name, d in apps[app].deployments.items():
+            if d.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+                lines = [line for line in (d.message or "").splitlines() if line.strip()]
+                reasons.append(f"{name}: {lines[-1] if lines else '(no message)'}")
+    return reasons
 
 
 def cmd_status(args) -> int:

@@ -49,15 +49,18 @@ LONG = {"prompt": "word " * 400, "max_tokens": 4}  # ~500 tokens: disaggregated
 SHORT = {"prompt": "Hi", "max_tokens": 4}
 
 
+async def serve_async(ingress, body: dict, endpoint: str = "completions", timeout_s: float = 30,
+                      request_id: str = "t"):
+    """One request through serve_request, in the caller's event loop; returns (replies, trace)."""
+    trace = Trace(request_id=request_id, model=ingress.model_name, timeout_s=timeout_s)
+    req = inspect(endpoint, body, ingress.model_name, ingress.settings.limits, ingress.settings.engine.max_model_len)
+    assert not isinstance(req, ErrorReply), req
+    return [item async for item in ingress.serve_request(req, trace)], trace
+
+
 def serve(ingress, body: dict, endpoint: str = "completions", timeout_s: float = 30):
     """Run one request through serve_request; returns (replies, trace)."""
-    async def go():
-        trace = Trace(request_id="t", model=ingress.model_name, timeout_s=timeout_s)
-        req = inspect(endpoint, body, ingress.model_name, ingress.settings.limits,
-                      ingress.settings.engine.max_model_len)
-        assert not isinstance(req, ErrorReply), req
-        return [item async for item in ingress.serve_request(req, trace)], trace
-    return asyncio.run(go())
+    return asyncio.run(serve_async(ingress, body, endpoint, timeout_s))
 
 
 def pools(num_prefill: int = 1, num_decode: int = 1):
@@ -188,11 +191,7 @@ def test_a_burst_timing_out_together_on_a_live_replica_is_queueing():
     before = ingress.prefill.tokens_per_s
 
     async def burst():
-        async def one(i: int):
-            trace = Trace(request_id=f"t{i}", model=ingress.model_name, timeout_s=30)
-            req = inspect("completions", LONG, ingress.model_name, ingress.settings.limits, 2048)
-            return [item async for item in ingress.serve_request(req, trace)], trace
-        return await asyncio.gather(*(one(i) for i in range(4)))
+        return await asyncio.gather(*(serve_async(ingress, LONG, request_id=f"t{i}") for i in range(4)))
 
     results = asyncio.run(burst())
     assert [trace.fallbacks for _, trace in results] == [[Failure.PREFILL_QUEUED]] * 4
