@@ -28,6 +28,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.credentials import node_environ
+
 NAMESPACE_PREFIX = "pdserve-"
 RAY_PORT = 6379
 METRICS_PORT = 8080  # every node's Ray metrics target (KubeRay's convention)
@@ -150,7 +152,7 @@ def _ray_start(topo: Topology, node: NodeSpec, ray_bin: str, env: dict[str, str]
     else:
         argv += [f"--address={topo.address(topo.head)}:{RAY_PORT}"]
     done = subprocess.run(in_namespace(namespace(node), argv), capture_output=True, text=True,
-                          env=env | os.environ)
+                          env=env | node_environ(single_node=False))  # no API key
     if done.returncode != 0:
         raise RuntimeError(f"ray start on node {node.name} failed:\n{done.stderr[-2000:]}")
 

@@ -12,8 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .credentials import api_key_file, node_environ, ray_token_path, use_ray_auth
 from .models import cache_dir, prepare_default_model, prepare_tiny_model
-from .settings import API_KEY_ENV, DEFAULT_MODEL, SettingsError, load_serve_config
+from .settings import API_KEY_ENV, API_KEY_FILE_ENV, DEFAULT_MODEL, SettingsError, load_serve_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "local-disaggregated.yaml"
 METRICS_PORT = 8080  # Ray's metrics export port, KubeRay's convention
@@ -32,9 +33,10 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def _connect(start_if_missing: bool, num_cpus: int, node_env: dict[str, str] | None = None) -> bool:
-    """Connect to RAY_ADDRESS or a running local cluster; start a local head (environment ``node_env``) if asked.
-    True if started."""
+def _connect(start_if_missing: bool, num_cpus: int, node_env: dict[str, str] | None = None,
+             node_ip: str = "127.0.0.1") -> bool:
+    """Connect to RAY_ADDRESS or a running local cluster, with Ray's token; start a local head (environment
+    ``node_env``, on ``node_ip``: loopback unless asked otherwise) if asked. True if started."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
@@ -46,11 +48,13 @@ def _connect(start_if_missing: bool, num_cpus: int, node_env: dict[str, str] | N
         return False
     except ConnectionError:
         pass
-    _say(f"starting a local Ray head ({num_cpus} logical CPUs, metrics on :{METRICS_PORT})")
+    _say(f"starting a local Ray head on {node_ip} ({num_cpus} logical CPUs, metrics on :{METRICS_PORT}); "
+         + (f"Ray token authentication on, token in {ray_token_path()} (`ray get-auth-token` prints it)"
+            if os.environ.get("RAY_AUTH_MODE") == "token" else "Ray token authentication OFF (RAY_AUTH_MODE)"))
     subprocess.run(
-        [ray_cli(), "start", "--head", f"--num-cpus={num_cpus}", f"--metrics-export-port={METRICS_PORT}",
-         "--disable-usage-stats", "--include-dashboard=false"],
-        check=True, stdout=subprocess.DEVNULL, env=(node_env or {}) | os.environ,
+        [ray_cli(), "start", "--head", f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}",
+         f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats", "--include-dashboard=false"],
+        check=True, stdout=subprocess.DEVNULL, env=(node_env or {}) | node_environ(),
     )
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     return True
@@ -99,7 +103,7 @@ def _in_head_namespace(multinode: dict, argv: list[str]) -> int:
     """Run ``pdserve ARGV`` as a driver inside the head node's namespace (Ray drivers need a local raylet)."""
     from cluster.multinode import in_namespace
 
-    env = os.environ | {"RAY_ADDRESS": multinode["head"]["address"]}
+    env = node_environ(single_node=False) | {"RAY_ADDRESS": multinode["head"]["address"]}
     cmd = in_namespace(multinode["head"]["namespace"], [sys.executable, "-m", "deployments.cli", *argv])
     return subprocess.run(cmd, env=env).returncode
 
@@ -165,8 +169,8 @@ def cmd_up(args) -> int:
     from .api.direct_ingress import direct_ingress_urls, ray_node_env
     from .app import build_app
 
-    started = _connect(True, args.num_cpus, ray_node_env([s for _, s in apps]))
-    state = {"started_head": started, "apps": [a.name for a, _ in apps]}
+    started = _connect(True, args.num_cpus, ray_node_env([s for _, s in apps]), args.node_ip_address)
+    state = {"started_head": started, "apps": [a.name for a, _ in apps], "node_ip": args.node_ip_address}
     if _state_file().exists():
         old = json.loads(_state_file().read_text())
         state = old | {"started_head": started or old.get("started_head", False),
@@ -176,9 +180,10 @@ def cmd_up(args) -> int:
     serve.start(proxy_location="HeadOnly", http_options={"host": http.host, "port": http.port})
     t0 = time.monotonic()
     _say("deploying " + ", ".join(f"'{a.name}' ({s.mode}) at {a.route_prefix}" for a, s in apps))
-    key = os.environ.get(API_KEY_ENV)
-    ingress_env = {API_KEY_ENV: key} if key else None
-    _say(f"API key: {'required (' + API_KEY_ENV + ')' if key else 'none: set ' + API_KEY_ENV + ' to require one'}")
+    key_file = api_key_file(cache_dir())
+    ingress_env = {API_KEY_FILE_ENV: key_file} if key_file else None  # the file's path, never the key
+    _say(f"API key: required, read from {key_file}" if key_file else
+         f"API key: none: set {API_KEY_FILE_ENV} (a file of keys) or {API_KEY_ENV} to require one")
     targets = [serve.RunTarget(build_app(s, ingress_env), name=a.name, route_prefix=a.route_prefix) for a, s in apps]
     try:
         _progress_while(lambda: serve.run_many(targets), "starting engines")
@@ -319,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-cpus", type=int, default=max(8, os.cpu_count() or 1),
                     help="logical CPUs of a local head (default: %(default)s)")
     up.add_argument("--timeout", type=float, default=900, help="seconds to wait for health")
+    up.add_argument("--node-ip-address", default="127.0.0.1",
+                    help="address a local Ray head binds to (default: %(default)s: nothing listens beyond this "
+                    "machine; give the machine's cluster address to let other nodes join)")
     up.add_argument("--topology", help="start a local multi-node cluster first (nodes as network namespaces, root "
                     "only) and deploy its serve_config: e.g. cluster/local-multinode.yaml")
     up.set_defaults(fn=cmd_up)
@@ -328,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--tiny", action="store_true", help="the tiny random-weight test model instead")
     prep.set_defaults(fn=cmd_prepare_model)
     args = parser.parse_args(argv)
+    if args.cmd in ("up", "status", "down"):  # before Ray is imported: it reads both settings once
+        state = json.loads(_state_file().read_text()) if _state_file().exists() else {}
+        multinode = bool(getattr(args, "topology", None) or state.get("multinode"))
+        use_ray_auth(None if multinode else getattr(args, "node_ip_address", None) or state.get("node_ip", "127.0.0.1"))
     return args.fn(args)
 
 

@@ -31,6 +31,9 @@ class RouteReason(StrEnum):
     KV_LEASE_EXPIRED = "kv_lease_expired"  # the hand-off was older than the prefill side's lease
     KV_INCOMPATIBLE = "kv_incompatible"  # the prefill engine's KV layout or model differs from the decode engine's
     KV_RECOMPUTED = "kv_recomputed"  # the pull failed inside vLLM, which prefilled on the decode engine instead
+    # a decode attempt that may have pulled the KV failed: vLLM frees the prefill blocks on the first completed pull,
+    # so its retry prefills locally instead of reading blocks that may be freed or reused
+    KV_HANDOFF_SPENT = "kv_handoff_spent"
     NOT_TRANSFERABLE = "not_transferable"  # several prompts, n > 1, beam search, echo or prompt logprobs
     COLOCATED_MODE = "colocated_mode"
     # elastic mode (deployments/routing/elastic.py): why a prompt stayed on its decode engine, or left it

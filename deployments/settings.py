@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .kv.protocol import PullDeadline
 
 DEFAULT_MODEL = "default"
-# Environment variable holding the API key (read by the ingress replica; `pdserve up` passes it on).
+# Where the API keys come from (deployments/api/auth.py): a file of keys, one per line (read by the ingress replica
+# only; `pdserve up` writes the key it is given to a 0600 file and passes the file's path), or the key itself.
+API_KEY_FILE_ENV = "PDSERVE_API_KEY_FILE"
 API_KEY_ENV = "PDSERVE_API_KEY"
 # Environment of the Ray nodes pdserve starts (and of the chart's Ray containers); a variable already set in the
 # environment wins. Serve stops a replica that failed its health check gracefully by default, which for a frozen
@@ -27,7 +29,13 @@ API_KEY_ENV = "PDSERVE_API_KEY"
 # thread): on the main loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0)
 # one request at a time got ~5% faster, but static PD's goodput on `chat` fell from 1.8 to 1.2 req/s
 # (docs/benchmarks.md, serving overhead).
-RAY_NODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1"}
+# Serve's proxy and every direct-ingress server run the header guard (deployments/api/guard.py); vLLM's usage
+# statistics are off: nothing phones home.
+RAY_NODE_ENV = {"RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.api.guard:proxy_middlewares",
+                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# The engines' own environment always has these (vLLM reads them in each engine process).
+ENGINE_PRIVACY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 # Direct ingress (http.direct_ingress_port): ports the Ingress replicas of one node may take, from that port up
 # (deployments/api/direct_ingress.py).
 DIRECT_INGRESS_SPAN = 100
@@ -193,6 +201,19 @@ class LimitSettings(_Strict):
     max_stop_sequences: int = Field(16, ge=0, description="Most entries in stop (and in stop_token_ids).")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one completions request (a list prompt).")
     max_messages: int = Field(512, ge=1, description="Most messages in one chat request.")
+    max_json_depth: int = Field(64, ge=2, description="Deepest nesting of the JSON body (objects and lists).")
+    max_json_values: int = Field(
+        200_000, ge=100, description="Most JSON values (strings, numbers, objects, list items...) in one body."
+    )
+    max_structured_output_bytes: int = Field(
+        32 * 1024, ge=256, description="Largest structured-output spec (a regex, JSON schema, grammar, choice list, "
+        "response_format or tools), as JSON: the engine compiles it into a grammar, and its size bounds that work.",
+    )
+    max_choices: int = Field(256, ge=1, description="Most choices in a structured-output choice list.")
+    body_read_timeout_s: float = Field(
+        30, gt=0, description="How long the ingress waits for a whole request body (HTTP 408 past it): a client "
+        "trickling its body holds no slot for longer.",
+    )
 
 
 class AutoscalingSettings(_Strict):

@@ -16,7 +16,10 @@ BUSY_KEYS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_
 def _connect() -> None:
     import ray
 
+    from deployments.credentials import use_ray_auth
+
     if not ray.is_initialized():
+        use_ray_auth()  # the cluster pdserve started requires Ray's token
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
 
 

@@ -102,8 +102,10 @@ def handle_sampler(max_tokens: int) -> Callable[[str], RequestSample]:
     import ray
     from ray import serve
 
+    from deployments.credentials import use_ray_auth
     from deployments.kv import PhaseRequest
 
+    use_ray_auth()
     ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
     handle = serve.get_deployment_handle("ColocatedServer", "pdserve").options(stream=True)
 

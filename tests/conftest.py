@@ -19,7 +19,12 @@ import httpx
 import pytest
 import yaml
 
+from deployments.credentials import use_ray_auth
 from loadtests.engines import replica_stats, serve_replicas
+
+# Every cluster the tests start runs with Ray's token authentication and, on one node, on loopback, as `pdserve up`
+# starts it: this process and its subprocesses (pdserve, locust) connect with the token, in Ray's single-machine mode.
+use_ray_auth()
 
 ROOT = Path(__file__).resolve().parent.parent
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))
@@ -33,8 +38,8 @@ AUTH = {"authorization": f"Bearer {API_KEY}"}
 # its own, removed before the next one starts), the idle-CPU test wants a quiet cluster, the resilience tests kill
 # replicas, and the metrics tests check (among others) metrics that failures create.
 CLUSTER_MODULE_ORDER = ["test_e2e_multinode", "test_e2e_elastic", "test_e2e_cpu", "test_e2e_errors",
-                        "test_e2e_requests", "test_e2e_direct_ingress", "test_e2e_outputs", "test_e2e_loadtest",
-                        "test_e2e_resilience", "test_e2e_metrics"]
+                        "test_e2e_requests", "test_e2e_security", "test_e2e_direct_ingress", "test_e2e_outputs",
+                        "test_e2e_loadtest", "test_e2e_resilience", "test_e2e_metrics"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -105,6 +110,8 @@ class Replica:
 
 # The e2e cluster's routing settings (the rest as by default).
 E2E_ROUTING = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "max_queued_requests": 16}
+# A body the client never finishes is answered 408 after this (limits.body_read_timeout_s; 30 s by default).
+E2E_BODY_READ_TIMEOUT_S = 5
 # Its applications are served both through Serve's proxy (8000) and on their Ingress replicas' own ports from this
 # one up (http.direct_ingress_port): the tests reach both entry points.
 E2E_DIRECT_INGRESS_PORT = 8010
@@ -135,6 +142,7 @@ def _combined_config(tmp: Path) -> Path:
     args["engine"]["max_num_seqs"] = 4
     for app in pd["applications"] + [colo_app]:
         app["args"]["http"] = {"direct_ingress_port": E2E_DIRECT_INGRESS_PORT}
+        app["args"]["limits"] = {"body_read_timeout_s": E2E_BODY_READ_TIMEOUT_S}
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))
     return path

@@ -237,14 +237,16 @@ def test_elastic_every_other_engine_failing_prefills_on_the_decode_engine():
     assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.PREFILL_FAILED)
 
 
-def test_elastic_decode_engine_dying_before_its_first_token_is_retried_with_the_same_handoff():
+def test_elastic_decode_engine_dying_before_its_first_token_is_retried_with_a_local_prefill():
+    """One pull per hand-off: the engine that died may have pulled the KV, so the retry prefills itself."""
     pool, ingress = elastic(BUSY)
     pool.script["e2"] = [DIE]
     _, trace = serve(ingress, LONG)
     assert prefills(pool) == ["e1"]
-    [(first, _), (second, source)] = decodes(pool)
-    assert first == "e2" and second != "e2" and source == "e-e1"
+    [(first, source_first), (second, source)] = decodes(pool)
+    assert first == "e2" and source_first == "e-e1" and second != "e2" and source is None
     assert trace.fallbacks == [Failure.DECODE_REPLICA_DIED]
+    assert (trace.route, trace.reason) == (Route.LOCAL_PREFILL, RouteReason.KV_HANDOFF_SPENT)
     assert settled(ingress, BUSY)
 
 

@@ -254,22 +254,31 @@ def test_decode_server_error_before_first_token_is_retried():
     assert trace.fallbacks == [Failure.DECODE_ERROR] and ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
 
 
-def test_decode_replica_death_before_first_token_is_retried_with_the_same_handoff():
+@pytest.mark.parametrize("behaviour, failure", [(DIE, Failure.DECODE_REPLICA_DIED), (ERROR_5XX, Failure.DECODE_ERROR)])
+def test_decode_failure_after_the_handoff_went_out_retries_with_a_local_prefill(behaviour, failure):
+    """One pull per hand-off: the failed attempt may have pulled the KV, and vLLM frees the prefill engine's blocks
+    on the first completed pull, so the retry prefills locally instead of pulling the same blocks again."""
     prefill, decode = pools(num_decode=2)
-    decode.script["d1"] = [DIE]
+    decode.script["d1"] = [behaviour]
     decode.loads["d2"] = ReplicaLoad(num_running=1)
-    replies, trace = serve(fake_ingress(prefill, decode, FAST), LONG)
-    assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.calls[1][1].kv_transfer_params is not None
-    assert trace.route is Route.DISAGGREGATED and trace.fallbacks == [Failure.DECODE_REPLICA_DIED]
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, LONG)
+    assert [r for r, _ in decode.calls] == ["d1", "d2"]
+    assert decode.calls[0][1].kv_transfer_params is not None and decode.calls[1][1].kv_transfer_params is None
+    assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d2"
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.KV_HANDOFF_SPENT
+    assert trace.fallbacks == [failure] and trace.headers()["x-pdserve-route-reason"] == "kv_handoff_spent"
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED  # the prefill replica did nothing wrong
+    assert len(prefill.calls) == 1  # no second prefill either: the decode replica computes the prompt itself
 
 
 PROBED = {"routing": FAST["routing"] | {"decode_probe_interval_s": 0.05}}
 
 
-def test_frozen_decode_replica_before_first_token_is_probed_then_retried_with_the_same_handoff():
+def test_frozen_decode_replica_before_first_token_is_probed_then_retried_with_a_local_prefill():
     """A decode replica frozen before it even tags the stream (SIGSTOP, a hung node): after one probe interval of
-    silence its probe gets no answer; the request goes to another replica with the same hand-off, not after the
-    end-to-end deadline."""
+    silence its probe gets no answer; the request goes to another replica, not after the end-to-end deadline, and
+    prefills there (the frozen one may have pulled the KV: one pull per hand-off)."""
     prefill, decode = pools(num_decode=2)
     decode.script["d1"] = [FROZEN]
     decode.loads["d2"] = ReplicaLoad(num_running=1)
@@ -278,9 +287,10 @@ def test_frozen_decode_replica_before_first_token_is_probed_then_retried_with_th
     replies, trace = serve(ingress, LONG, timeout_s=30)
     assert time.monotonic() - t0 < 0.05 + 0.05 + 0.5  # interval + probe + slack
     assert isinstance(replies[0], JsonReply) and replies[0].body["served_by"] == "d2"
-    assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.calls[1][1].kv_transfer_params is not None
+    assert [r for r, _ in decode.calls] == ["d1", "d2"] and decode.calls[1][1].kv_transfer_params is None
     assert decode.probes == ["d1"] and decode.cancelled >= 1
-    assert trace.route is Route.DISAGGREGATED and trace.fallbacks == [Failure.DECODE_REPLICA_UNRESPONSIVE]
+    assert trace.route is Route.LOCAL_PREFILL and trace.reason is RouteReason.KV_HANDOFF_SPENT
+    assert trace.fallbacks == [Failure.DECODE_REPLICA_UNRESPONSIVE]
     assert ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
 
 

@@ -31,6 +31,7 @@ from ..settings import PDServeSettings
 from . import auth
 from .attempts import Pool
 from .direct_ingress import direct_ingress_missing
+from .guard import CLIENT_REQUEST_ID_HEADER
 from .phases import DeadlineExceeded, DecodePhase, DecodeStream, Overloaded, PrefillPhase
 from .requests import ClientRequest, inspect, parse_json
 from .trace import Trace
@@ -75,7 +76,7 @@ class RequireApiKey:
             if root and path.startswith(root):
                 path = path[len(root):]
             if auth.needs_key(path):
-                refused = auth.check(Headers(scope=scope).get("authorization"), auth.api_key())
+                refused = auth.check(Headers(scope=scope).get("authorization"), auth.KEYS.current())
                 if refused is not None:
                     await error_response(refused, {"www-authenticate": "Bearer"})(scope, receive, send)
                     return
@@ -103,12 +104,14 @@ async def validation_error(request: Request, exc: RequestValidationError):
     return error_response(ErrorReply(400, "invalid request"))
 
 
-def _request_id(request: Request) -> str:
-    """The client's ``x-request-id`` if it is a sane token (it is echoed in headers and logs), else a new one."""
-    given = request.headers.get("x-request-id", "")
+def _client_request_id(request: Request) -> str | None:
+    """The client's own request id, if it sent a sane token: recorded and echoed as the client's, never used as
+    pdserve's id (two clients may send the same one). Serve's HTTP proxy reads ``x-request-id`` itself; the
+    header guard (guard.py) hands the client's over as ``x-pdserve-client-request-id``."""
+    given = request.headers.get(CLIENT_REQUEST_ID_HEADER, "")  # x-request-id itself is Serve's by now
     if 0 < len(given) <= 128 and given.isascii() and all(c.isalnum() or c in "-_.:" for c in given):
         return given
-    return uuid.uuid4().hex
+    return None
 
 
 def _pool(deployment: str, policy: str, breaker: CircuitBreaker, suspect_fallback: bool, ledger: Ledger) -> Pool:
@@ -151,8 +154,9 @@ class Ingress:
                                   self.model_name)
         self.num_requests = 0
         self._gauge_refresh: asyncio.Task | None = None
-        if auth.api_key() is None:
-            logger.warning("no %s set: the API accepts requests without a key", auth.API_KEY_ENV)
+        if auth.KEYS.current() is None:
+            logger.warning("no %s or %s set: the API accepts requests without a key", auth.API_KEY_FILE_ENV,
+                           auth.API_KEY_ENV)
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -246,17 +250,23 @@ class Ingress:
         if length is not None and (not length.isdigit() or int(length) > limit):
             return too_large if length.isdigit() else ErrorReply(400, "invalid Content-Length")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return too_large
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.settings.limits.body_read_timeout_s):  # a trickled body holds no slot
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            return ErrorReply(408, f"request body not received within {self.settings.limits.body_read_timeout_s:g} s",
+                              "RequestTimeout")
         return b"".join(chunks)
 
     async def _handle(self, endpoint: str, request: Request):
         if self._gauge_refresh is None:
             self._gauge_refresh = asyncio.create_task(self._refresh_gauges())
-        trace = Trace(request_id=_request_id(request), model=self.model_name, timeout_s=self.settings.request_timeout_s)
+        trace = Trace(request_id=uuid.uuid4().hex, model=self.model_name, timeout_s=self.settings.request_timeout_s,
+                      client_request_id=_client_request_id(request))
         try:
             return await self._respond(endpoint, request, trace)
         except Exception:  # a bug of ours: logged with the request id, never shown to the client
@@ -268,7 +278,7 @@ class Ingress:
         raw = await self._read_body(request)
         if isinstance(raw, ErrorReply):
             return self._refuse(raw, trace)
-        body = parse_json(raw)
+        body = parse_json(raw, self.settings.limits)
         if isinstance(body, ErrorReply):
             return self._refuse(body, trace)
         req = inspect(endpoint, body, self.model_name, self.settings.limits, self.settings.engine.max_model_len)
@@ -357,7 +367,8 @@ class Ingress:
         """One log line and the metrics of a finished request."""
         trace.finished_at = trace.finished_at or time.time()
         timing = trace.timing() if status == 200 else {}
-        logger.info("request %s", json.dumps({"request_id": trace.request_id, "status": status,
+        logger.info("request %s", json.dumps({"request_id": trace.request_id,
+                                              "client_request_id": trace.client_request_id, "status": status,
                                               "route": str(trace.route), "reason": str(trace.reason),
                                               "fallbacks": [str(f) for f in trace.fallbacks],
                                               "retries": trace.num_retries} | timing))

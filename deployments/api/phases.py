@@ -194,12 +194,23 @@ class DecodePhase:
     async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
                     trace: Trace) -> DecodeStream | HandoffFailed | ErrorReply:
         """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
-        phase_req = decode_request(req.endpoint, req.body, None)
+        local_req = decode_request(req.endpoint, req.body, None)
+        pending = [local_req]  # what the next attempt sends: the hand-off once at most, then the local prefill
         if handoff:
-            phase_req = decode_request(req.endpoint, req.body, handoff.kv_transfer_params, handoff.kv_expires_at,
-                                       handoff.kv_fingerprint)
-        result = await run_attempts(self.pool, Phase.DECODE, self.settings.num_decode_attempts, route, trace,
-                                    lambda attempt: self._attempt(phase_req, attempt, trace))
+            pending[0] = decode_request(req.endpoint, req.body, handoff.kv_transfer_params, handoff.kv_expires_at,
+                                        handoff.kv_fingerprint)
+
+        async def attempt(route: RouteRequest) -> AttemptResult:
+            sent = pending[0]
+            result = await self._attempt(sent, route, trace)
+            if sent.kv_transfer_params is not None and result.verdict is Verdict.RETRY:
+                # The attempt reached a replica, which may have pulled the KV: the prefill engine frees its blocks on
+                # the first completed pull, so a second pull could read freed or reused blocks. Prefill locally.
+                pending[0] = local_req
+                trace.prefill_locally(RouteReason.KV_HANDOFF_SPENT)
+            return result
+
+        result = await run_attempts(self.pool, Phase.DECODE, self.settings.num_decode_attempts, route, trace, attempt)
         if result is not None and result.value is not None:
             return result.value
         if result is not None and result.failure is Failure.DEADLINE_EXCEEDED:

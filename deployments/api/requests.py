@@ -58,34 +58,106 @@ def estimate_prompt_tokens(body: dict) -> int:
     return max(1, len(prompt_text(body)) // 4)
 
 
-def parse_json(raw: bytes):
+def parse_json(raw: bytes, limits: LimitSettings = LimitSettings()):  # noqa: B008 (frozen)
     """The JSON document, or the 400 that refuses it. Python's parser accepts escaped lone surrogates
-    (``"\\ud800"``), which are not text: they would fail later, in hashing or tokenizing, as a server error."""
+    (``"\\ud800"``), which are not text: they would fail later, in hashing or tokenizing, as a server error. Nesting
+    and size past ``limits`` are refused here, before any code walks the document recursively."""
     try:
         body = json.loads(raw)
-        json.dumps(body, ensure_ascii=False).encode()
     except UnicodeError:
         return ErrorReply(400, "malformed JSON body: not valid Unicode text (a lone surrogate escape?)")
     except (ValueError, RecursionError):
         return ErrorReply(400, "malformed JSON body")
+    shape = _shape_error(body, limits)
+    if shape is not None:
+        return shape
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeError:
+        return ErrorReply(400, "malformed JSON body: not valid Unicode text (a lone surrogate escape?)")
     return body
 
 
-def _int(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _shape_error(doc, limits: LimitSettings) -> ErrorReply | None:
+    """Depth and value count of a parsed document, walked without recursion."""
+    stack, count = [(doc, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if depth > limits.max_json_depth:
+            return ErrorReply(400, f"JSON body nested deeper than {limits.max_json_depth} levels")
+        if count > limits.max_json_values:
+            return ErrorReply(400, f"JSON body holds more than {limits.max_json_values} values")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return None
+
+
+# Integer fields and their cap: 'n' (a LimitSettings field), 'ctx' (the model's context length). vLLM would coerce
+# "64", 64.0 and true into ints; pdserve refuses anything but a JSON integer, so that every cap reads the number
+# vLLM will use. Chat's ``logprobs`` is a boolean there (its count is ``top_logprobs``).
+_INT_FIELDS = {"n": "max_n", "best_of": "max_n", "logprobs": "max_logprobs", "top_logprobs": "max_logprobs",
+               "prompt_logprobs": "max_logprobs", "max_tokens": "ctx", "max_completion_tokens": "ctx",
+               "min_tokens": "ctx"}
+_STRUCTURED_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex",
+                      "guided_grammar", "guided_choice", "structural_tag")
+
+
+def _int_field_error(endpoint: Endpoint, body: dict, limits: LimitSettings, max_model_len: int) -> ErrorReply | None:
+    for name, cap_name in _INT_FIELDS.items():
+        value = body.get(name)
+        if value is None or (name == "logprobs" and endpoint == "chat" and isinstance(value, bool)):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            return ErrorReply(400, f"{name} must be an integer, got {type(value).__name__}", param=name)
+        cap = max_model_len if cap_name == "ctx" else getattr(limits, cap_name)
+        if value > cap:
+            what = f"this model's maximum context length ({cap})" if cap_name == "ctx" else f"the limit {cap}"
+            return ErrorReply(400, f"{name} ({value}) exceeds {what}", param=name)
+        if cap_name == "max_logprobs" and value < 0:  # vLLM reads -1 as 'the whole vocabulary'
+            return ErrorReply(400, f"{name} must be between 0 and {cap}, got {value}", param=name)
+    return None
+
+
+def _structured_output_error(body: dict, limits: LimitSettings) -> ErrorReply | None:
+    """Structured-output specs are compiled into grammars by the engine: their size bounds that work."""
+    for name in _STRUCTURED_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        size = len(json.dumps(value, ensure_ascii=False))
+        if size > limits.max_structured_output_bytes:
+            return ErrorReply(400, f"{name} is {size} bytes of JSON; at most {limits.max_structured_output_bytes}",
+                              param=name)
+    spec = body.get("structured_outputs")
+    choices = [body.get("guided_choice"), spec.get("choice") if isinstance(spec, dict) else None]
+    for choice in choices:
+        if isinstance(choice, list) and len(choice) > limits.max_choices:
+            return ErrorReply(400, f"structured output choices: at most {limits.max_choices}, got {len(choice)}",
+                              param="structured_outputs")
+    return None
+
+
+def _token_prompt_error(endpoint: Endpoint, body: dict, max_model_len: int) -> ErrorReply | None:
+    """A prompt of token ids longer than the model takes is refused before any engine reads it."""
+    prompt = body.get("prompt") if endpoint == "completions" else None
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    prompts = [prompt] if all(isinstance(t, int) for t in prompt) else [p for p in prompt if isinstance(p, list)]
+    longest = max((len(p) for p in prompts), default=0)
+    if longest > max_model_len:
+        return ErrorReply(400, f"prompt of {longest} tokens exceeds this model's maximum context length "
+                               f"({max_model_len})", param="prompt")
+    return None
 
 
 def check_limits(endpoint: Endpoint, body: dict, limits: LimitSettings, max_model_len: int) -> ErrorReply | None:
     """pdserve's caps, each a 400 naming the field and the limit."""
-    for name in ("n", "best_of"):
-        value = _int(body, name)
-        if value is not None and value > limits.max_n:
-            return ErrorReply(400, f"{name} must be at most {limits.max_n}, got {value}", param=name)
-    for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
-        value = _int(body, name)
-        if value is not None and value > limits.max_logprobs:
-            return ErrorReply(400, f"{name} must be at most {limits.max_logprobs}, got {value}", param=name)
+    refused = _int_field_error(endpoint, body, limits, max_model_len)
+    if refused is not None:
+        return refused
     for name in ("stop", "stop_token_ids"):
         value = body.get(name)
         if isinstance(value, list) and len(value) > limits.max_stop_sequences:
@@ -100,12 +172,7 @@ def check_limits(endpoint: Endpoint, body: dict, limits: LimitSettings, max_mode
     if isinstance(messages, list) and len(messages) > limits.max_messages:
         return ErrorReply(400, f"messages may hold at most {limits.max_messages} messages, got {len(messages)}",
                           param="messages")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = _int(body, name)
-        if value is not None and value > max_model_len:
-            return ErrorReply(400, f"{name} ({value}) exceeds this model's maximum context length ({max_model_len})",
-                              param=name)
-    return None
+    return _structured_output_error(body, limits) or _token_prompt_error(endpoint, body, max_model_len)
 
 
 def inspect(endpoint: Endpoint, body, model: str, limits: LimitSettings,

@@ -24,6 +24,7 @@ class Trace:
     request_id: str
     model: str
     timeout_s: float = 600.0  # the end-to-end deadline, from arrival
+    client_request_id: str | None = None  # the id the client sent (x-request-id): recorded, never pdserve's own
     route: Route = Route.COLOCATED
     reason: RouteReason = RouteReason.COLOCATED_MODE
     prefill_replica: str | None = None
@@ -68,6 +69,8 @@ class Trace:
             h["x-pdserve-prefill-node"] = self.prefill_node
         if self.decode_node:
             h["x-pdserve-decode-node"] = self.decode_node
+        if self.client_request_id:
+            h["x-pdserve-client-request-id"] = self.client_request_id
         if self.fallbacks:
             h["x-pdserve-fallback"] = ",".join(map(str, self.fallbacks))
         return h

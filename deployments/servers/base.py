@@ -10,12 +10,13 @@ import uuid
 import ray
 from ray import serve
 
+from ..credentials import is_loopback
 from ..engine.nixl_plugin import DELAY_ENV
 from ..engine.vllm_engine import EngineSpec, Role, VLLMEngine
 from ..metrics import metrics
 from ..models import resolve_model
 from ..replies import EngineStats
-from ..settings import PDServeSettings, PoolSettings
+from ..settings import ENGINE_PRIVACY_ENV, PDServeSettings, PoolSettings
 
 logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: lands in the replica log
 
@@ -63,7 +64,7 @@ class EngineServer:
         env = {
             "VLLM_CPU_KVCACHE_SPACE": str(settings.engine.cpu_kv_cache_space_gib),
             DELAY_ENV: str(settings.kv_connector.nixl_progress_delay_us),
-        } | pool.env
+        } | pool.env | ENGINE_PRIVACY_ENV
         # The side channel listens on the node's address (peers on other nodes connect to it) and a port from
         # the pool's range; an operator's own VLLM_NIXL_SIDE_CHANNEL_HOST/PORT (node or pool env) win.
         env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", self.node))
@@ -71,6 +72,8 @@ class EngineServer:
             base = pool.nixl_side_channel_port_base or DEFAULT_PORT_BASE[role]
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel_port(env["VLLM_NIXL_SIDE_CHANNEL_HOST"], base,
                                                                        local_rank))
+        if is_loopback(self.node) and "UCX_NET_DEVICES" not in env and "UCX_NET_DEVICES" not in os.environ:
+            env["UCX_NET_DEVICES"] = "lo"  # one node on loopback: UCX listens there only, not on the LAN address
         bind = pool.bind_for(local_rank)
         if bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = bind
