@@ -69,6 +69,27 @@ def render(binary: Path, *values: Path, sets: tuple[str, ...] = ()) -> list[dict
     return [d for d in yaml.safe_load_all(helm(binary, *args).stdout) if d]
 
 
+def render_notes(binary: Path, *values: Path, sets: tuple[str, ...] = ()) -> str:
+    """templates/NOTES.txt as `helm install` would print it. `helm template` skips NOTES.txt and `install --dry-run`
+    needs a cluster, so a copy of the chart wraps it in a named template and renders that into one YAML string."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = Path(tmp) / CHART.name
+        shutil.copytree(CHART, chart)
+        notes = (chart / "templates" / "NOTES.txt").read_text()
+        (chart / "templates" / "_notes_test.tpl").write_text(
+            '{{- define "test.notes" -}}\n' + notes + "\n{{- end }}\n")
+        (chart / "templates" / "notes-test.yaml").write_text('text: {{ include "test.notes" . | toJson }}\n')
+        args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--show-only", "templates/notes-test.yaml"]
+        for v in values:
+            args += ["-f", str(v)]
+        for s in sets:
+            args += ["--set", s]
+        return yaml.safe_load(helm(binary, *args).stdout)["text"]
+
+
 def of_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
@@ -173,6 +194,11 @@ def pod_specs(rayservice: dict) -> dict[str, dict]:
     specs = {"head": cluster["headGroupSpec"]["template"]["spec"]}
     specs.update({name: g["template"]["spec"] for name, g in worker_groups(rayservice).items()})
     return specs
+
+
+def containers(pod_spec: dict) -> list[dict]:
+    """Every container of a pod spec, init containers included."""
+    return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
 
 
 def pod_labels(rayservice: dict) -> dict[str, dict]:

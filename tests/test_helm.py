@@ -7,6 +7,7 @@ and serveConfigV2's args through deployments.settings.parse_settings, so that ch
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -28,7 +29,7 @@ from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
 
 CI_IDS = [p.name for p in CI_VALUES]
 EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml",
-               "gpu-rdma-values.yaml", "elastic-values.yaml", "direct-ingress-values.yaml"}
+               "gpu-rdma-values.yaml", "elastic-values.yaml", "direct-ingress-values.yaml", "hardened-values.yaml"}
 POOLS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 MODE_POOLS = {"disaggregated": POOLS, "elastic": {"elastic": "ElasticServer"}}
 RAY_CONTAINERS = {"head": "ray-head", "prefill": "ray-worker", "decode": "ray-worker", "elastic": "ray-worker"}
@@ -56,6 +57,10 @@ def rayservice_of(docs):
 def settings_of(docs) -> PDServeSettings:
     [app] = ht.serve_config(rayservice_of(docs))["applications"]
     return parse_settings(app["args"])
+
+
+def ci_values(name: str) -> dict:
+    return yaml.safe_load((CHART / "ci" / name).read_text()) or {}
 
 
 def gpu_limit(pod_spec) -> float:
@@ -261,31 +266,70 @@ def test_dashboard_configmap_carries_the_sidecar_label_and_the_dashboard_file(re
     assert folder == {"grafana_folder": "LLM"}
 
 
-def api_key_refs(rayservice) -> dict[str, dict | None]:
-    refs = {}
+API_KEY_DIR = "/etc/pdserve/api-key"
+
+
+def api_key_mounts(rayservice) -> dict[str, tuple[dict, dict, dict] | None]:
+    """group -> (volume, volumeMount, env) of the API key in its Ray container, or None where it has none."""
+    found = {}
     for group, spec in ht.pod_specs(rayservice).items():
         [container] = spec["containers"]
         assert container["name"] == RAY_CONTAINERS[group]
         env = {e["name"]: e for e in container.get("env", [])}
-        refs[group] = env["PDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] if "PDSERVE_API_KEY" in env else None
-    return refs
+        assert "PDSERVE_API_KEY" not in env, f"{group}: the API key must not be an env var"
+        mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == API_KEY_DIR]
+        if not mounts:
+            assert "PDSERVE_API_KEY_FILE" not in env
+            found[group] = None
+            continue
+        [mount] = mounts
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        found[group] = (volume, mount, env["PDSERVE_API_KEY_FILE"])
+    return found
 
 
-def test_api_key_secret_ref_follows_its_toggle(rendered, helm_bin):
-    assert set(api_key_refs(rayservice_of(rendered("default-values.yaml"))).values()) == {None}
-    assert of_kind(rendered("default-values.yaml"), "Secret") == []
+def api_key_secrets(docs) -> list[dict]:
+    return [s for s in of_kind(docs, "Secret") if s["metadata"]["name"].endswith("-api-key")]
+
+
+def test_api_key_is_a_read_only_file_from_its_secret(rendered, helm_bin, tmp_path):
+    """The key reaches the pods only as a file of the Secret mounted whole (no subPath: Kubernetes updates it in
+    place on rotation), named by PDSERVE_API_KEY_FILE: never an env var value, never in serveConfigV2."""
+    assert set(api_key_mounts(rayservice_of(rendered("default-values.yaml"))).values()) == {None}
+    assert not api_key_secrets(rendered("default-values.yaml"))
 
     docs = rendered("servicemonitor-apikey-values.yaml")
-    secret = one(docs, "Secret")
-    refs = api_key_refs(rayservice_of(docs))
-    assert all(ref == {"name": secret["metadata"]["name"], "key": "api-key"} for ref in refs.values()), refs
+    [secret] = api_key_secrets(docs)
+    for group, (volume, mount, env) in api_key_mounts(rayservice_of(docs)).items():
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"], group
+        assert volume["secret"]["items"] == [{"key": "api-key", "path": "api-key"}]
+        assert mount["readOnly"] is True and "subPath" not in mount and "subPathExpr" not in mount
+        assert env == {"name": "PDSERVE_API_KEY_FILE", "value": f"{API_KEY_DIR}/api-key"}
     assert secret["data"]["api-key"]
+
+    # Several keys, one per line (rotation): the chart's Secret holds them as given, and no key leaks elsewhere.
+    keys = "pdserve-old-key-4f1c\npdserve-new-key-9a7e\n"
+    values = tmp_path / "api-keys.yaml"
+    values.write_text(yaml.safe_dump({"apiKey": {"enabled": True, "value": keys}}))
+    docs = ht.render(helm_bin, values)
+    [secret] = api_key_secrets(docs)
+    assert base64.b64decode(secret["data"]["api-key"]).decode() == keys
+    others = yaml.safe_dump_all([d for d in docs if d is not secret])  # the RayService (serveConfigV2, env) included
+    for key in ("pdserve-old-key-4f1c", "pdserve-new-key-9a7e"):
+        assert key not in others and base64.b64encode(key.encode()).decode() not in others
 
     sets = ("apiKey.enabled=true", "apiKey.existingSecret=llm-keys", "apiKey.secretKey=pdserve")
     docs = ht.render(helm_bin, sets=sets)
-    assert of_kind(docs, "Secret") == []
-    refs = api_key_refs(rayservice_of(docs))
-    assert all(ref == {"name": "llm-keys", "key": "pdserve"} for ref in refs.values()), refs
+    assert not api_key_secrets(docs)
+    for group, (volume, _, env) in api_key_mounts(rayservice_of(docs)).items():
+        assert volume["secret"]["secretName"] == "llm-keys" and env["value"] == f"{API_KEY_DIR}/pdserve", group
+
+
+def test_api_key_rotation_is_documented(helm_bin):
+    notes = ht.render_notes(helm_bin, sets=("apiKey.enabled=true", "apiKey.value=k"))
+    assert f"{API_KEY_DIR}/api-key" in notes and "one per line" in notes and "Rotate without downtime" in notes
+    readme = (CHART / "README.md").read_text()
+    assert "PDSERVE_API_KEY_FILE" in readme and "one per line" in readme and "no `subPath`" in readme
 
 
 # ---- values: schema mirrors the settings model, every value documented ------------------------------------
@@ -392,24 +436,78 @@ def _allowed_from_anywhere(policy: dict) -> set[int]:
     return {p["port"] for rule in policy["spec"]["ingress"] if not rule.get("from") for p in rule.get("ports", [])}
 
 
+def ray_policy(docs) -> dict:
+    [policy] = [d for d in of_kind(docs, "NetworkPolicy") if d["metadata"]["name"].endswith("-ray")]
+    return policy
+
+
 @pytest.mark.parametrize("name", CI_IDS)
 def test_ray_dashboard_and_gcs_are_not_open_to_the_cluster(rendered, name):
     """The dashboard's Jobs API runs arbitrary code and GCS holds the cluster: only the release's own pods and
-    the KubeRay operator reach them; the API and metrics ports stay open (Prometheus scrapes every pod)."""
+    the KubeRay operator (by namespace and labels) reach them; the NIXL side channels and UCX only the release's own
+    pods; the API and metrics rules name only their own ports."""
     docs = rendered(name)
-    policy = one(docs, "NetworkPolicy")
+    policy = ray_policy(docs)
     labels = ht.pod_labels(rayservice_of(docs))
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert all(selector.items() <= pod.items() for pod in labels.values())  # covers head and both groups
-    open_ports = _allowed_from_anywhere(policy)
-    direct = settings_of(docs).http.direct_ingress_port  # the API on the Ingress replica's own port, if on
-    assert open_ports == {8000, 8080} | ({direct} if direct else set()), open_ports
+    settings = settings_of(docs)
+    direct = settings.http.direct_ingress_port  # the API on the Ingress replica's own port, if on
+    api, metrics = {settings.http.port} | ({direct} if direct else set()), {8080}
+    np_values = ci_values(name).get("networkPolicy", {})
+    if not np_values.get("apiFrom") and not np_values.get("metricsFrom"):
+        assert _allowed_from_anywhere(policy) == api | metrics
     rules = policy["spec"]["ingress"]
-    [own] = [r for r in rules if r.get("from") and "ports" not in r]
+    [own] = [r for r in rules if "ports" not in r]  # the only rule open on every port
     assert own["from"] == [{"podSelector": {"matchLabels": selector}}]
-    [operator] = [r for r in rules if r.get("from") and r.get("ports")]
-    assert operator["ports"] == [{"port": 8265, "protocol": "TCP"}]
-    assert operator["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    [operator] = [r for r in rules if r.get("ports") == [{"port": 8265, "protocol": "TCP"}]]
+    operator_ns = np_values.get("operatorNamespace", "kuberay")
+    assert operator["from"] == [{  # one peer: namespace AND labels
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_ns}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    others = [r for r in rules if r is not own and r is not operator]
+    assert [{p["port"] for p in r["ports"]} for r in others] == [api, metrics]
+    nixl = {pool.nixl_side_channel_port_base + r for pool in (settings.prefill, settings.decode, settings.elastic)
+            if pool for r in range(8)}
+    assert not nixl & {p["port"] for r in rules if r is not own for p in r["ports"]}
+
+
+def test_a_nixl_port_range_overlapping_an_open_port_fails_rendering(helm_bin):
+    proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), "--set", "decode.nixlPort=7999",
+                   "--set", "decode.workerGroup.replicasPerPod=2", check=False)
+    assert proc.returncode != 0 and "decode.nixlPort" in proc.stderr and "port 8000" in proc.stderr, proc.stderr
+
+
+def test_egress_policy_is_off_by_default_and_allows_only_dns_own_pods_and_kube_api(rendered, helm_bin):
+    assert [p["metadata"]["name"] for p in of_kind(rendered("default-values.yaml"), "NetworkPolicy")] == [
+        f"{RELEASE}-ray"]
+    docs = rendered("hardened-values.yaml")
+    policies = {p["metadata"]["name"].removeprefix(f"{RELEASE}-"): p for p in of_kind(docs, "NetworkPolicy")}
+    assert set(policies) == {"ray", "egress", "autoscaler-egress"}
+    selector = policies["ray"]["spec"]["podSelector"]["matchLabels"]
+    egress = policies["egress"]["spec"]
+    assert egress["podSelector"]["matchLabels"] == selector and egress["policyTypes"] == ["Egress"]
+    dns, own = egress["egress"]
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert dns["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    assert own == {"to": [{"podSelector": {"matchLabels": selector}}]}
+    kube = policies["autoscaler-egress"]["spec"]  # the autoscaler sidecar, on the head pod only
+    assert kube["podSelector"]["matchLabels"] == selector | {"app.kubernetes.io/component": "ray-head"}
+    assert kube["egress"] == [{"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+                               "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]}]
+    for policy in policies.values():
+        ht.validate_builtin(policy)
+    # Without the Ray autoscaler nothing needs the Kubernetes API; extra rules are added as given.
+    extra = {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    docs = ht.render(helm_bin, sets=("networkPolicy.egress.enabled=true",
+                                     "networkPolicy.egress.extraRules[0].to[0].ipBlock.cidr=192.0.2.0/24",
+                                     "networkPolicy.egress.extraRules[0].ports[0].port=443",
+                                     "networkPolicy.egress.extraRules[0].ports[0].protocol=TCP"))
+    names = {p["metadata"]["name"] for p in of_kind(docs, "NetworkPolicy")}
+    assert names == {f"{RELEASE}-ray", f"{RELEASE}-egress"}
+    [egress] = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-egress")]
+    assert egress["spec"]["egress"][2:] == [extra]
 
 
 def test_network_policy_can_restrict_api_and_metrics_sources(helm_bin, tmp_path):
@@ -417,7 +515,7 @@ def test_network_policy_can_restrict_api_and_metrics_sources(helm_bin, tmp_path)
     values.write_text(yaml.safe_dump({"networkPolicy": {
         "apiFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}],
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}}))
-    policy = one(ht.render(helm_bin, values), "NetworkPolicy")
+    policy = ray_policy(ht.render(helm_bin, values))
     assert _allowed_from_anywhere(policy) == set()
     ht.validate_builtin(policy)
 
@@ -448,7 +546,7 @@ def test_direct_ingress_runs_on_the_head_pod_behind_its_own_service(rendered):
     assert service["spec"]["ports"] == [{"name": "http", "port": 8010, "targetPort": "direct-ingress",
                                          "protocol": "TCP"}]
     ht.validate_builtin(service)
-    api_ports = [p["port"] for rule in one(docs, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])]
+    api_ports = [p["port"] for rule in ray_policy(docs)["spec"]["ingress"] for p in rule.get("ports", [])]
     assert 8010 in api_ports
     default = rendered("default-values.yaml")
     assert not [d for d in of_kind(default, "Service") if d["metadata"]["name"].endswith("-direct")]
@@ -550,3 +648,136 @@ def test_elastic_mode_refuses_what_cannot_work(helm_bin, sets, message):
     args = [a for kv in sets for a in ("--set", kv)]
     proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), *args, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+# ---- secure defaults: Ray token auth, pod security, image digests ---------------------------------------------
+
+def test_security_defaults_in_values_yaml():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["rayAuth"] == {"enabled": True, "existingSecret": ""}
+    assert values["security"]["runAsUser"] == 1000 and values["security"]["automountServiceAccountToken"] is False
+    assert values["security"]["readOnlyRootFilesystem"] is False and "/tmp" in values["security"]["writableDirs"]
+    assert values["rdma"] == {"enabled": False} and values["image"]["digest"] == ""
+    assert values["networkPolicy"]["operatorNamespace"] == "kuberay"
+    assert values["networkPolicy"]["egress"]["enabled"] is False
+    text = (CHART / "values.yaml").read_text()
+    assert "UNSAFE to turn off" in text  # rayAuth.enabled's doc comment
+
+
+def ray_auth_secrets(docs) -> list[dict]:
+    return [s for s in of_kind(docs, "Secret") if s["metadata"]["name"].endswith("-ray-auth")]
+
+
+@pytest.mark.parametrize("name", CI_IDS)
+def test_ray_token_auth_is_on_with_kuberays_secret_contract(rendered, name):
+    """KubeRay's authOptions: mode token and a Secret whose key `auth_token` holds the token (KubeRay's fixed key);
+    the chart's own Secret unless an existing one is named. RAY_AUTH_MODE=token on every Ray container: an operator
+    that drops authOptions leaves Ray failing to start, not open. The token itself is never a plain env value."""
+    docs = rendered(name)
+    cluster = rayservice_of(docs)["spec"]["rayClusterConfig"]
+    existing = ci_values(name).get("rayAuth", {}).get("existingSecret")
+    secret_name = existing or f"{RELEASE}-ray-auth"
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret_name}
+    secrets = ray_auth_secrets(docs)
+    if existing:
+        assert secrets == []
+    else:
+        [secret] = secrets
+        assert secret["metadata"]["name"] == secret_name and set(secret["data"]) == {"auth_token"}
+        token = base64.b64decode(secret["data"]["auth_token"]).decode()
+        assert re.fullmatch(r"[A-Za-z0-9]{64}", token)
+        ht.validate_builtin(secret)
+    for spec in ht.pod_specs(rayservice_of(docs)).values():
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}
+        assert "RAY_AUTH_TOKEN" not in env  # KubeRay adds it, from the Secret
+
+
+def test_ray_auth_secret_is_kept_across_upgrades_and_can_be_turned_off(helm_bin):
+    template = (CHART / "templates" / "secret-rayauth.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template and "randAlphaNum 64" in template
+    tokens = {ray_auth_secrets(ht.render(helm_bin))[0]["data"]["auth_token"] for _ in range(2)}
+    assert len(tokens) == 2  # without a cluster to look up, each render generates its own
+
+    docs = ht.render(helm_bin, sets=("rayAuth.enabled=false",))
+    assert "authOptions" not in rayservice_of(docs)["spec"]["rayClusterConfig"] and ray_auth_secrets(docs) == []
+    for spec in ht.pod_specs(rayservice_of(docs)).values():
+        assert "RAY_AUTH_MODE" not in {e["name"] for e in spec["containers"][0]["env"]}
+    assert "WARNING: Ray token authentication is OFF" in ht.render_notes(helm_bin, sets=("rayAuth.enabled=false",))
+    assert "auth_token" in ht.render_notes(helm_bin)
+
+
+@pytest.mark.parametrize("name", CI_IDS)
+def test_every_container_runs_non_root_without_privileges(rendered, name):
+    """Pods: no ServiceAccount token, non-root, RuntimeDefault seccomp. Containers (head, workers, the autoscaler
+    sidecar): non-root as uid 1000, no privilege escalation, every capability dropped (IPC_LOCK added to worker
+    containers only with rdma.enabled), read-only root filesystem as the value says (emptyDirs where Ray writes)."""
+    docs = rendered(name)
+    values = ci_values(name)
+    rdma = values.get("rdma", {}).get("enabled", False)
+    read_only = values.get("security", {}).get("readOnlyRootFilesystem", False)
+    rayservice = rayservice_of(docs)
+    for group, spec in ht.pod_specs(rayservice).items():
+        assert spec["automountServiceAccountToken"] is False, group
+        pod_context = spec["securityContext"]
+        assert pod_context["runAsNonRoot"] is True and pod_context["runAsUser"] == 1000
+        assert pod_context["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in ht.containers(spec):
+            context = container["securityContext"]
+            assert (context["runAsNonRoot"], context["runAsUser"]) == (True, 1000), group
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is read_only
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert context["capabilities"].get("add", []) == (["IPC_LOCK"] if rdma and group != "head" else []), group
+            if read_only:
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                assert "emptyDir" in volumes[mounts["/tmp"]]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    if cluster["enableInTreeAutoscaling"]:
+        context = cluster["autoscalerOptions"]["securityContext"]
+        assert context["runAsNonRoot"] is True and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_kube_api_token_reaches_only_the_autoscaler_sidecar(rendered):
+    rayservice = rayservice_of(rendered("hardened-values.yaml"))
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    [mount] = cluster["autoscalerOptions"]["volumeMounts"]
+    assert mount == {"name": "autoscaler-kube-api", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                     "readOnly": True}
+    head = ht.pod_specs(rayservice)["head"]
+    [volume] = [v for v in head["volumes"] if v["name"] == mount["name"]]
+    assert [next(iter(s)) for s in volume["projected"]["sources"]] == ["serviceAccountToken", "configMap",
+                                                                     "downwardAPI"]
+    for group, spec in ht.pod_specs(rayservice).items():
+        for container in ht.containers(spec):  # not the Ray containers, which run user code
+            assert mount["name"] not in {m["name"] for m in container.get("volumeMounts", [])}, group
+    autoscaling = rayservice_of(rendered("autoscaling-values.yaml"))["spec"]["rayClusterConfig"]
+    assert autoscaling["autoscalerOptions"]["volumeMounts"] == [mount]  # whenever the autoscaler runs
+    docs = rendered("default-values.yaml")  # no autoscaler: no token anywhere
+    assert not any(v["name"] == "autoscaler-kube-api" for v in ht.pod_specs(rayservice_of(docs))["head"].get(
+        "volumes", []))
+
+
+def test_a_groups_security_context_is_applied_over_the_defaults(helm_bin):
+    docs = ht.render(helm_bin, sets=("prefill.workerGroup.securityContext.capabilities.add={SYS_PTRACE}",
+                                     "prefill.workerGroup.securityContext.runAsUser=2000", "rdma.enabled=true",
+                                     "security.podSecurityContext.fsGroup=100"))
+    specs = ht.pod_specs(rayservice_of(docs))
+    context = specs["prefill"]["containers"][0]["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK", "SYS_PTRACE"]}
+    assert context["runAsUser"] == 2000 and context["allowPrivilegeEscalation"] is False
+    assert specs["decode"]["containers"][0]["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert "add" not in specs["head"]["containers"][0]["securityContext"]["capabilities"]
+    assert specs["head"]["securityContext"]["fsGroup"] == 100
+
+
+def test_an_image_digest_replaces_the_tag(rendered, helm_bin):
+    digest = ci_values("hardened-values.yaml")["image"]["digest"]
+    for spec in ht.pod_specs(rayservice_of(rendered("hardened-values.yaml"))).values():
+        assert spec["containers"][0]["image"] == f"ghcr.io/pdserve/pdserve@{digest}"
+    for spec in ht.pod_specs(rayservice_of(rendered("default-values.yaml"))).values():
+        assert spec["containers"][0]["image"] == "ghcr.io/pdserve/pdserve:0.1.0"
+    for bad in ("sha256:abc", "sha512:" + "a" * 64, "sha256:" + "A" * 64):
+        proc = ht.helm(helm_bin, "template", RELEASE, str(CHART), "--set", f"image.digest={bad}", check=False)
+        assert proc.returncode != 0 and "/image/digest" in proc.stderr, proc.stderr

@@ -35,12 +35,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: pdserve
 {{- end }}
 
+{{/* The image: `repository@digest` when a digest is given (the tag is then ignored), else `repository:tag`. */}}
 {{- define "pdserve.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
 {{- end }}
 
 {{- define "pdserve.apiKeySecretName" -}}
 {{- .Values.apiKey.existingSecret | default (printf "%s-api-key" (include "pdserve.fullname" .)) }}
+{{- end }}
+
+{{/* Where every Ray container reads the API key file(s): the Secret mounted whole (no subPath: rotation updates
+   the file in place). */}}
+{{- define "pdserve.apiKeyDir" -}}
+/etc/pdserve/api-key
+{{- end }}
+
+{{/* The Secret KubeRay reads the Ray token from (`authOptions.secretName`; key `auth_token`). */}}
+{{- define "pdserve.rayAuthSecretName" -}}
+{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-auth" (include "pdserve.fullname" .)) }}
 {{- end }}
 
 {{/* Serve config (serveConfigV2) ----------------------------------------------------------------------------
@@ -214,10 +230,21 @@ app.kubernetes.io/part-of: pdserve
 {{- end }}
 
 {{/* Env of every Ray container: pdserve's node env (deployments/settings.py RAY_NODE_ENV: a replica that failed its
-   health check is force-stopped, not drained), the API key (if on), then the user's (which override: the last
-   entry of a name wins). Args: root context. */}}
+   health check is force-stopped, not drained), Ray's token auth mode (KubeRay adds RAY_AUTH_TOKEN from the Secret),
+   the API key file's path (if on; the key itself is only in the mounted file), then the user's (which override:
+   the last entry of a name wins). Args: root context. */}}
 {{- define "pdserve.env" -}}
 - name: RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS
+  value: "1"
+{{- if .Values.rayAuth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+{{- end }}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: "deployments.api.guard:proxy_middlewares"
+- name: VLLM_NO_USAGE_STATS
+  value: "1"
+- name: DO_NOT_TRACK
   value: "1"
 {{- with .Values.serve.directIngressPort }}
 {{- /* Serve's direct ingress on this port (deployments/api/direct_ingress.py ray_node_env: the same variables) */}}
@@ -233,11 +260,8 @@ app.kubernetes.io/part-of: pdserve
   value: "2"
 {{- end }}
 {{- if .Values.apiKey.enabled }}
-- name: PDSERVE_API_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "pdserve.apiKeySecretName" . }}
-      key: {{ .Values.apiKey.secretKey }}
+- name: PDSERVE_API_KEY_FILE
+  value: {{ printf "%s/%s" (include "pdserve.apiKeyDir" .) .Values.apiKey.secretKey | quote }}
 {{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
@@ -268,11 +292,127 @@ app.kubernetes.io/part-of: pdserve
 {{- toYaml $affinity }}
 {{- end }}
 
-{{/* A Ray pod spec. Args: dict "root" "group" (head or workerGroup values) "container" "resources" "ports", and
-   optionally "affinity" (instead of the group's). */}}
+{{/* A Ray container's security context: non-root as `security.runAsUser`, no privilege escalation, every
+   capability dropped (worker containers get IPC_LOCK with `rdma.enabled`), `security.readOnlyRootFilesystem`; then
+   the group's `securityContext` over it (its capabilities.add added, its capabilities.drop instead of [ALL]).
+   Args: dict "root" "group" (values with `securityContext`, or an empty dict) "worker" (bool). */}}
+{{- define "pdserve.containerSecurityContext" -}}
+{{- $s := .root.Values.security }}
+{{- $user := deepCopy (default dict .group.securityContext) }}
+{{- $userCaps := default dict $user.capabilities }}
+{{- $add := list }}
+{{- if and .worker .root.Values.rdma.enabled }}
+{{- $add = append $add "IPC_LOCK" }}
+{{- end }}
+{{- $add = concat $add (default list $userCaps.add) | uniq }}
+{{- $caps := dict "drop" (ternary $userCaps.drop (list "ALL") (hasKey $userCaps "drop")) }}
+{{- if $add }}
+{{- $_ := set $caps "add" $add }}
+{{- end }}
+{{- $ctx := dict
+  "runAsNonRoot" true
+  "runAsUser" (int $s.runAsUser)
+  "allowPrivilegeEscalation" false
+  "readOnlyRootFilesystem" $s.readOnlyRootFilesystem
+  "capabilities" $caps }}
+{{- range $key, $value := omit $user "capabilities" }}
+{{- $_ := set $ctx $key $value }}
+{{- end }}
+{{- toYaml $ctx }}
+{{- end }}
+
+{{/* A Ray pod's security context: non-root, RuntimeDefault seccomp, then `security.podSecurityContext` over it. */}}
+{{- define "pdserve.podSecurityContext" -}}
+{{- $s := .Values.security }}
+{{- $ctx := dict "runAsNonRoot" true "runAsUser" (int $s.runAsUser) "seccompProfile" (dict "type" "RuntimeDefault") }}
+{{- range $key, $value := $s.podSecurityContext }}
+{{- $_ := set $ctx $key $value }}
+{{- end }}
+{{- toYaml $ctx }}
+{{- end }}
+
+{{/* Volumes the chart adds to every Ray pod, as a YAML list: the API key Secret (whole, read-only: no subPath, so
+   that a rotated key reaches the file in place) and, with a read-only root filesystem, an emptyDir per writable
+   directory. Args: root context. */}}
+{{- define "pdserve.chartVolumes" -}}
+{{- $volumes := list }}
+{{- if .Values.apiKey.enabled }}
+{{- $volumes = append $volumes (dict "name" "pdserve-api-key" "secret" (dict
+  "secretName" (include "pdserve.apiKeySecretName" .)
+  "items" (list (dict "key" .Values.apiKey.secretKey "path" .Values.apiKey.secretKey)))) }}
+{{- end }}
+{{- if .Values.security.readOnlyRootFilesystem }}
+{{- range $i, $dir := .Values.security.writableDirs }}
+{{- $volumes = append $volumes (dict "name" (printf "writable-%d" $i) "emptyDir" dict) }}
+{{- end }}
+{{- end }}
+{{- toYaml $volumes }}
+{{- end }}
+
+{{- define "pdserve.chartVolumeMounts" -}}
+{{- $mounts := list }}
+{{- if .Values.apiKey.enabled }}
+{{- $mounts = append $mounts (dict "name" "pdserve-api-key" "mountPath" (include "pdserve.apiKeyDir" .) "readOnly" true) }}
+{{- end }}
+{{- if .Values.security.readOnlyRootFilesystem }}
+{{- range $i, $dir := .Values.security.writableDirs }}
+{{- $mounts = append $mounts (dict "name" (printf "writable-%d" $i) "mountPath" $dir) }}
+{{- end }}
+{{- end }}
+{{- toYaml $mounts }}
+{{- end }}
+
+{{/* The autoscaler sidecar's Kubernetes API credentials when ServiceAccount tokens are not automounted: what the
+   automount would project (token, CA, namespace), mounted into the sidecar only. */}}
+{{- define "pdserve.autoscalerTokenVolume" -}}
+name: autoscaler-kube-api
+projected:
+  sources:
+    - serviceAccountToken:
+        path: token
+        expirationSeconds: 3607
+    - configMap:
+        name: kube-root-ca.crt
+        items:
+          - {key: ca.crt, path: ca.crt}
+    - downwardAPI:
+        items:
+          - path: namespace
+            fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}
+{{- end }}
+
+{{- define "pdserve.autoscalerTokenNeeded" -}}
+{{- if and .Values.rayAutoscaler.enabled (not .Values.security.automountServiceAccountToken) }}true{{ end }}
+{{- end }}
+
+{{/* Fails when a port open to API or metrics sources falls in a pool's NIXL side channel range (which only the
+   release's own pods may reach). */}}
+{{- define "pdserve.checkPorts" -}}
+{{- $v := .Values }}
+{{- $open := list (int $v.serve.port) (int $v.metrics.port) }}
+{{- if not (kindIs "invalid" $v.serve.directIngressPort) }}
+{{- $open = append $open (int $v.serve.directIngressPort) }}
+{{- end }}
+{{- range $name := include "pdserve.poolNames" $ | fromJsonArray }}
+{{- $pool := index $v $name }}
+{{- $first := int $pool.nixlPort }}
+{{- $last := add $first (int $pool.workerGroup.replicasPerPod) -1 }}
+{{- range $port := $open }}
+{{- if and (ge $port $first) (le $port (int $last)) }}
+{{- fail (printf "%s.nixlPort: the NIXL side channel ports %d-%d include port %d, which the API or metrics sources may reach" $name $first (int $last) $port) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A Ray pod spec. Args: dict "root" "group" (head or workerGroup values) "container" "resources" "ports"
+   "worker" (bool), and optionally "affinity" (instead of the group's). */}}
 {{- define "pdserve.podSpec" -}}
 {{- $root := .root }}
 {{- $group := .group }}
+automountServiceAccountToken: {{ $root.Values.security.automountServiceAccountToken }}
+securityContext:
+  {{- include "pdserve.podSecurityContext" $root | nindent 2 }}
 {{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -298,10 +438,8 @@ containers:
       {{- with $group.env }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
-    {{- with $group.securityContext }}
     securityContext:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
+      {{- include "pdserve.containerSecurityContext" (dict "root" $root "group" $group "worker" .worker) | nindent 6 }}
     {{- with $root.Values.envFrom }}
     envFrom:
       {{- toYaml . | nindent 6 }}
@@ -316,11 +454,15 @@ containers:
       preStop:
         exec:
           command: ["/bin/sh", "-c", "ray stop"]
-    {{- with $group.volumeMounts }}
+    {{- with concat (include "pdserve.chartVolumeMounts" $root | fromYamlArray) (default list $group.volumeMounts) }}
     volumeMounts:
       {{- toYaml . | nindent 6 }}
     {{- end }}
-{{- with $group.volumes }}
+{{- $volumes := concat (include "pdserve.chartVolumes" $root | fromYamlArray) (default list $group.volumes) }}
+{{- if and (not .worker) (include "pdserve.autoscalerTokenNeeded" $root) }}
+{{- $volumes = append $volumes (include "pdserve.autoscalerTokenVolume" $root | fromYaml) }}
+{{- end }}
+{{- with $volumes }}
 volumes:
   {{- toYaml . | nindent 2 }}
 {{- end }}
