@@ -29,6 +29,7 @@ FROZEN = "frozen"  # decode: silent from the start (not even its tag), as a SIGS
 QUEUED = "queued"  # decode: silent for SLOW_FIRST_S before its tag, as a call waiting in Serve's queue
 SLOW_FIRST = "slow_first"  # decode: its first token after SLOW_FIRST_S (a long local prefill, a queue)
 SLOW_FIRST_S = 0.4
+PROMPT_TOO_LONG = "prompt_too_long"  # prefill: vLLM refuses the prompt itself (longer than the model takes)
 
 
 class FakePool:
@@ -100,6 +101,9 @@ class FakePrefillHandle:
             return ErrorReply(500, "EngineCore encountered an issue (actor 4f2a at 10.1.2.3)", "InternalServerError")
         if behaviour == ERROR_4XX:
             return ErrorReply(400, "min_tokens must be less than or equal to max_tokens=1")
+        if behaviour == PROMPT_TOO_LONG:
+            return ErrorReply(400, "This model's maximum context length is 2048 tokens. However, your prompt contains "
+                                   "9000 input tokens", param="input_tokens")
         finished = time.time()
         return PrefillReply(
             kv_transfer_params={"do_remote_prefill": True, "do_remote_decode": False,

@@ -44,6 +44,8 @@ def test_bad_input_is_a_clear_4xx(cluster, http, case, base_attr):
     error = resp.json()["error"]
     assert error["code"] == status and needle in error["message"], error
     assert error["type"]
+    if case == "prompt-over-max-model-len" and base_attr in ("pd", "direct_pd"):  # refused by the prefill engine:
+        assert "x-pdserve-fallback" not in resp.headers, resp.headers  # no decode engine tokenized it again
 
 
 def test_server_healthy_after_bad_input(cluster, http):

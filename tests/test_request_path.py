@@ -30,6 +30,7 @@ from tests.fakes import (
     KV_RECOMPUTED,
     KV_TIMEOUT,
     OK,
+    PROMPT_TOO_LONG,
     QUEUED,
     SLOW_FIRST,
     SLOW_FIRST_S,
@@ -207,6 +208,18 @@ def test_prefill_client_error_is_not_a_replica_failure_and_decode_judges_the_req
     assert isinstance(replies[0], JsonReply) and trace.route is Route.LOCAL_PREFILL
     assert trace.fallbacks == [Failure.PREFILL_REFUSED] and count(prefill.calls) == {"p1": 1}
     assert trace.reason is RouteReason.PREFILL_REFUSED
+    assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
+
+
+def test_prompt_the_prefill_engine_refuses_as_too_long_is_answered_without_a_decode_attempt():
+    """A prompt longer than the model takes is the client's error whatever the phase: answered from the prefill
+    engine's refusal (vLLM checks its characters before tokenizing), never tokenized again on a decode engine."""
+    prefill, decode = pools()
+    prefill.script["p1"] = [PROMPT_TOO_LONG]
+    ingress = fake_ingress(prefill, decode, FAST)
+    replies, trace = serve(ingress, LONG)
+    assert isinstance(replies[0], ErrorReply) and replies[0].status == 400 and replies[0].param == "input_tokens"
+    assert decode.calls == [] and count(prefill.calls) == {"p1": 1} and trace.fallbacks == []
     assert ingress.prefill.pool.breaker.state("p1") is BreakerState.CLOSED
 
 

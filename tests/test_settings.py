@@ -203,3 +203,39 @@ def test_ingress_refuses_direct_ingress_on_a_node_started_without_it():
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in why and "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8010" in why
     other = ray_node_env([direct]) | {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8200"}  # started for another port
     assert "8010" in direct_ingress_missing(direct, other)
+
+
+def test_every_node_and_engine_runs_the_header_guard_without_usage_statistics():
+    """Nothing phones home (vLLM's usage statistics), and Serve's proxy on every node runs the header guard, which
+    the import path must name."""
+    import importlib
+
+    from deployments.settings import ENGINE_PRIVACY_ENV, RAY_NODE_ENV
+
+    assert ENGINE_PRIVACY_ENV == {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    assert ENGINE_PRIVACY_ENV.items() <= RAY_NODE_ENV.items()
+    module, _, name = RAY_NODE_ENV["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    [middleware] = getattr(importlib.import_module(module), name)()
+    assert middleware.cls.__name__ == "HeaderGuard"
+
+
+def test_credentials_keep_the_key_out_of_node_env_and_files_private(tmp_path):
+    import stat
+
+    from deployments.credentials import SINGLE_NODE_ENV, api_key_file, node_environ, ray_auth_env
+
+    env = {"PDSERVE_API_KEY": "k1,k2", "PATH": "/bin", SINGLE_NODE_ENV: "0"}
+    assert node_environ(env) == {"PATH": "/bin", SINGLE_NODE_ENV: "0"}
+    assert node_environ(env, single_node=False) == {"PATH": "/bin"}
+    path = api_key_file(tmp_path, env)
+    assert Path(path).read_text() == "k1\nk2\n" and stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+    assert api_key_file(tmp_path, {"PDSERVE_API_KEY_FILE": "keys.txt"}).endswith("/keys.txt")
+    assert api_key_file(tmp_path, {}) is None
+    token = tmp_path / "ray" / "auth_token"
+    assert ray_auth_env({"RAY_AUTH_TOKEN_PATH": str(token)}) == {"RAY_AUTH_MODE": "token"}
+    assert len(token.read_text()) == 64 and stat.S_IMODE(token.stat().st_mode) == 0o600
+    before = token.read_text()
+    ray_auth_env({"RAY_AUTH_TOKEN_PATH": str(token)})
+    assert token.read_text() == before  # made once, then kept
+    assert ray_auth_env({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}) == {}
+    assert not (tmp_path / "none").exists()

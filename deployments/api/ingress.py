@@ -171,6 +171,9 @@ class Ingress:
         handoff = None
         if trace.route is Route.DISAGGREGATED:
             handoff = await self.prefill.run(req, prefill_route, trace)
+            if isinstance(handoff, ErrorReply):  # the engine refused the prompt itself: the client's error
+                yield handoff
+                return
             if isinstance(handoff, RouteReason):  # no hand-off: the decode replica prefills
                 trace.prefill_locally(handoff)
                 handoff = None

@@ -43,6 +43,11 @@ from .trace import Trace
 logger = logging.getLogger("ray.serve.pdserve.phases")  # under Serve's logger: lands in the replica log
 
 
+# vLLM's parameter names for a refusal of the prompt itself (too long: by its characters before tokenizing, or by
+# its tokens), whatever else the request says: the prefill-only copy's refusal is the client's answer.
+PROMPT_PARAMS = frozenset({"input_text", "input_tokens"})
+
+
 class Overloaded(Exception):
     """A pool's queue is full (Serve's max_queued_requests): the client should retry later (HTTP 429)."""
 
@@ -104,14 +109,16 @@ class PrefillPhase:
         if reply.num_prompt_tokens > 0 and took_s > 0:
             self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * (reply.num_prompt_tokens / took_s)
 
-    async def run(self, req: ClientRequest, route: RouteRequest, trace: Trace) -> PrefillReply | RouteReason:
-        """The KV hand-off (its params parsed, ready for the decode engine), or why the decode replica must
-        prefill locally instead."""
+    async def run(self, req: ClientRequest, route: RouteRequest,
+                  trace: Trace) -> PrefillReply | RouteReason | ErrorReply:
+        """The KV hand-off (its params parsed, ready for the decode engine), why the decode replica must prefill
+        locally instead, or the client's error when the engine refused the prompt itself (e.g. longer than the
+        model takes: no decode engine tokenizes it again)."""
         phase_req = prefill_request(req.endpoint, req.body)
         with self.inflight:
             result = await run_attempts(self.pool, Phase.PREFILL, self.settings.num_prefill_attempts, route, trace,
                                         lambda attempt: self._attempt(phase_req, attempt, trace))
-        if result is not None and result.verdict is Verdict.DONE:
+        if result is not None and result.verdict in (Verdict.DONE, Verdict.REFUSED):
             return result.value
         if result is not None and result.failure is Failure.PREFILL_BACKPRESSURE:
             return RouteReason.PREFILL_BACKPRESSURE
@@ -147,6 +154,8 @@ class PrefillPhase:
             logger.warning("%s: prefill on %s failed: %r", trace.request_id, route.target, exc)
             return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_REPLICA_DIED, replica_at_fault=True)
         if isinstance(reply, ErrorReply):
+            if reply.status < 500 and reply.param in PROMPT_PARAMS:  # the prompt itself: the client's answer
+                return AttemptResult(Verdict.REFUSED, value=reply, replica=route.target)
             if reply.status < 500:  # the prefill-only copy was refused: let the decode engine judge the request
                 return AttemptResult(Verdict.STOP, failure=Failure.PREFILL_REFUSED)
             logger.warning("%s: prefill on %s answered %d: %s", trace.request_id, route.target, reply.status,
