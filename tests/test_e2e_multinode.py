@@ -98,6 +98,17 @@ def test_replicas_run_on_their_own_nodes(nodes):
     assert lines[nodes["decode1"][1]][1] == "decode" and "DecodeServer:" in decode and "ColocatedServer:" in decode
 
 
+def test_every_node_refuses_a_job_submission_without_rays_token(nodes, tmp_path):
+    """Token authentication on every node of the multi-node cluster: the job agent of each node, reached on its
+    cluster address from outside the cluster, refuses an unauthenticated job (and runs nothing)."""
+    marker = tmp_path / "pwned"
+    for name, (_, address) in nodes.items():
+        resp = httpx.post(f"http://{address}:52365/api/job_agent/jobs/", timeout=10,
+                          json={"entrypoint": f"touch {marker}", "submission_id": f"probe-{name}"})
+        assert resp.status_code in (401, 403), (name, resp.status_code, resp.text)
+    assert not marker.exists()
+
+
 def test_first_pull_over_a_cut_link_is_recomputed_and_labelled_so(nodes, api):
     """Before any pull: with the prefill<->decode link cut, the decode engine's first NIXL handshake fails and
     vLLM (kv_load_failure_policy: recompute) prefills on the decode engine. The response says so: local prefill,
