@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="http://127.0.0.1:8080/metrics")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--rate", type=float, default=0.5,
-                   help="req/s of the steady load: below the goodput rate (1.05 req/s for the default config, "
-                        "docs/benchmarks.md, measured with --max-tokens 64)")
+                   help="req/s of the steady load: below the goodput rate of the default config (docs/benchmarks.md; "
+                        "measured with --max-tokens 64)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request, as `make bench` uses")
     p.add_argument("--duration-s", type=float, default=600)
     p.add_argument("--warm-s", type=float, default=120, help="RSS baseline taken after this long")
