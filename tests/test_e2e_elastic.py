@@ -39,9 +39,10 @@ def _config(tmp: Path) -> Path:
     for app in (elastic, colo):
         app["args"]["engine"] |= {"dtype": "float32", "max_num_seqs": 4}
     elastic["args"]["routing"] = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "elastic_pack_itl_fraction": 1.0}
-    # Streams pack by count alone here: an engine counts as slow (it takes no more streams) only past 150 ms between
-    # tokens, far above what three streams on one core see on a busy machine (the rule itself is unit-tested).
-    elastic["args"]["slo"] = {"itl_s": 0.15}
+    # Streams pack by count alone here: an engine counts as slow (it takes no more streams) only past 400 ms between
+    # tokens, far above what three float32 streams on one core see on a busy machine (150 ms was not: one CI run
+    # spilled the third stream). The rule itself is unit-tested.
+    elastic["args"]["slo"] = {"itl_s": 0.4}
     path = tmp / "elastic.yaml"
     path.write_text(yaml.safe_dump({"applications": [elastic, colo]}))
     return path

@@ -72,3 +72,57 @@ def test_vllm_finds_nixl_with_both_cuda_variants_installed():
     assert "VARIANT nixl_cu13" in out.stdout and "CU12_LOADED False" in out.stdout, out.stdout
     assert "created with pthrDelay=750 us" in out.stderr
     assert "already registered" not in out.stderr
+
+
+class FakeConnectorWorker:
+    """The NIXL connector worker's state the re-handshake patch reads, with vLLM's own cleanup as a recorder."""
+
+    _TRANSFER_MODE = "pull"
+
+    def __init__(self, handshaking: bool = False):
+        import threading
+
+        self._failed_remote_engines = {"p-1", "gone"}
+        self._invalid_remote_engines: set[str] = set()
+        self._remote_agents = {"p-1": {(0, 0): "agent-p-1"}, "p-2": {(0, 0): "agent-p-2"}}
+        self._handshake_lock = threading.Lock()
+        self._handshake_futures = {"p-3": object()} if handshaking else {}
+        self.cleanups = 0
+
+    def _mark_remote_engine_invalid(self, engine_id, now):
+        self._invalid_remote_engines.add(engine_id)
+
+    def _cleanup_remote_engines(self):
+        self.cleanups += 1
+        self._failed_remote_engines.clear()
+
+
+def test_failed_transfers_make_the_decode_engine_handshake_afresh(monkeypatch):
+    """A link cut and healed left vLLM's UCX endpoints to a prefill engine broken for its one-hour TTL: every pull
+    failed and was recomputed. Patched, an engine whose transfer failed is marked invalid (vLLM then releases its
+    state and the next pull handshakes again); engines without failures, or unknown ones, are left alone."""
+    cls = type("Worker", (FakeConnectorWorker,), {})
+    assert nixl_plugin.rehandshake_after_failures(cls) and not nixl_plugin.rehandshake_after_failures(cls)
+    worker = cls()
+    worker._cleanup_remote_engines()
+    assert worker._invalid_remote_engines == {"p-1"} and worker.cleanups == 1
+    busy = cls(handshaking=True)  # vLLM defers cleanup while a handshake runs: so does the patch
+    busy._cleanup_remote_engines()
+    assert busy._invalid_remote_engines == set() and busy.cleanups == 1
+    push = type("PushWorker", (cls,), {"_TRANSFER_MODE": "push"})()
+    push._cleanup_remote_engines()
+    assert push._invalid_remote_engines == set()
+
+
+def test_vllms_connector_worker_has_what_the_rehandshake_patch_needs():
+    """The patch reads vLLM internals; a vLLM that renamed them would silently turn it off: this fails instead."""
+    import inspect
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+
+    cls = base_worker.NixlBaseConnectorWorker
+    assert callable(cls._cleanup_remote_engines) and callable(cls._mark_remote_engine_invalid)
+    init = inspect.getsource(cls.__init__)
+    for name in ("_failed_remote_engines", "_invalid_remote_engines", "_remote_agents", "_handshake_lock",
+                 "_handshake_futures"):
+        assert f"self.{name}" in init, name

@@ -14,6 +14,14 @@ only the chosen one may be imported: each registers the same pybind11 types, and
 So this plugin imports exactly the module vLLM resolves, nothing else.
 
 Delay in µs from ``PDSERVE_NIXL_PROGRESS_DELAY_US`` (default 1000; 0 restores NIXL's busy polling).
+
+The same hook makes a decode engine re-handshake with a prefill engine whose transfers failed. vLLM 0.32 drops a
+remote engine's NIXL state (and so its UCX endpoints) only when the local metadata of that engine is gone; a link
+that was cut and healed leaves the metadata in place and the endpoints broken, so every later pull from that engine
+failed and was recomputed until the engine's one-hour TTL (seen as a multi-node test's link that never carried KV
+again after it healed). With the patch a failed transfer marks the remote engine invalid: vLLM's own path then
+rejects reads from it until its backoff (0 s the first time, doubling up to 60 s while failures repeat) and releases
+its state once no transfer is in flight, and the next pull handshakes afresh (``PDSERVE_NIXL_REHANDSHAKE=0``: off).
 ``python -m deployments.engine.nixl_plugin`` is the image smoke test: it loads vLLM's plugins, creates a NIXL
 agent through vLLM's own import path and prints the variant in use.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 
 DELAY_ENV = "PDSERVE_NIXL_PROGRESS_DELAY_US"
 
@@ -47,6 +56,43 @@ class _DelayedAgentBinding:
         return self._real.nixlAgent(agent_name, config)
 
 
+REHANDSHAKE_ENV = "PDSERVE_NIXL_REHANDSHAKE"
+
+
+def rehandshake_after_failures(worker_cls) -> bool:
+    """Patch vLLM's NIXL connector worker class (see module doc); False where its internals are not as expected."""
+    original = getattr(worker_cls, "_cleanup_remote_engines", None)
+    if original is None or getattr(original, "pdserve_patched", False):
+        return False
+
+    def _cleanup_remote_engines(self) -> None:
+        needed = ("_failed_remote_engines", "_invalid_remote_engines", "_remote_agents", "_handshake_lock",
+                  "_handshake_futures", "_mark_remote_engine_invalid")
+        if getattr(self, "_TRANSFER_MODE", None) == "pull" and all(hasattr(self, n) for n in needed):
+            with self._handshake_lock:
+                handshaking = bool(self._handshake_futures)
+            if not handshaking:  # vLLM defers its own cleanup while a handshake runs: so does this
+                now = time.perf_counter()
+                for engine_id in self._failed_remote_engines - self._invalid_remote_engines:
+                    if engine_id in self._remote_agents:
+                        self._mark_remote_engine_invalid(engine_id, now)
+        return original(self)
+
+    _cleanup_remote_engines.pdserve_patched = True
+    worker_cls._cleanup_remote_engines = _cleanup_remote_engines
+    return True
+
+
+def _patch_connector_worker() -> None:
+    if os.environ.get(REHANDSHAKE_ENV, "1") == "0":
+        return
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker import NixlBaseConnectorWorker
+    except ImportError:
+        return  # another vLLM, or none: nothing to patch
+    rehandshake_after_failures(NixlBaseConnectorWorker)
+
+
 def nixl_api_module_name() -> str:
     """The module vLLM imports ``nixl_agent`` from: ``nixl._api``, or ``nixl_rocm._api`` on ROCm."""
     try:
@@ -57,6 +103,11 @@ def nixl_api_module_name() -> str:
 
 
 def register() -> None:
+    _patch_delay()
+    _patch_connector_worker()
+
+
+def _patch_delay() -> None:
     delay_us = int(os.environ.get(DELAY_ENV, "1000"))
     if delay_us <= 0:
         return
