@@ -74,10 +74,14 @@ def use_ray_auth(local_ip: str | None = "127.0.0.1") -> bool:
     Ray is imported. True if token authentication is on."""
     auth = ray_auth_env()
     address = os.environ.get("RAY_ADDRESS")
-    if local_ip is not None and is_loopback(local_ip) and (not address or is_loopback(address)):
+    single = local_ip is not None and is_loopback(local_ip) and (not address or is_loopback(address))
+    if single:
         os.environ[SINGLE_NODE_ENV] = "0"
     else:
         os.environ.pop(SINGLE_NODE_ENV, None)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray read the variable when imported: set what it read (Ray looks it up per call)
+        constants.ENABLE_RAY_CLUSTER = not single
     if auth and os.environ.get(AUTH_MODE_ENV) != auth[AUTH_MODE_ENV]:
         os.environ.update(auth)
         if "ray._raylet" in sys.modules:  # Ray read its config when imported: read it again (as ray.init does)

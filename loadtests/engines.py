@@ -14,12 +14,12 @@ BUSY_KEYS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_
 
 
 def _connect() -> None:
-    import ray
-
     from deployments.credentials import use_ray_auth
 
+    use_ray_auth()  # before Ray reads its settings: the cluster pdserve started wants its token, on loopback
+    import ray
+
     if not ray.is_initialized():
-        use_ray_auth()  # the cluster pdserve started requires Ray's token
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
 
 
