@@ -33,6 +33,7 @@ class ApiKeys:
         self.environ = os.environ if environ is None else environ
         self._seen: tuple[str, float, int] | None = None  # (path, mtime, size) of the file as last read
         self._keys: tuple[str, ...] = ()
+        self._error: str | None = None  # why every request is refused, as last logged (logged once per change)
 
     def current(self) -> tuple[str, ...] | None:
         path = self.environ.get(API_KEY_FILE_ENV)
@@ -43,18 +44,21 @@ class ApiKeys:
         return keys or None
 
     def _from_file(self, path: str) -> tuple[str, ...]:
+        """Read again only when the file changed (a stat per request); empty: fail closed."""
+        error = None
         try:
             st = Path(path).stat()
             seen = (path, st.st_mtime, st.st_size)
             if seen != self._seen:
                 self._keys, self._seen = parse_keys(Path(path).read_text()), seen
-                if not self._keys:
-                    logger.error("%s names a file with no key: every request is refused", API_KEY_FILE_ENV)
+            if not self._keys:
+                error = "names a file with no key"
         except OSError as exc:
-            if self._seen is not None or not self._keys:
-                logger.error("%s unreadable (%s): every request is refused", API_KEY_FILE_ENV, exc.strerror)
-            self._keys, self._seen = (), None
-        return self._keys  # empty: fail closed
+            self._keys, self._seen, error = (), None, f"unreadable ({exc.strerror})"
+        if error is not None and error != self._error:  # once per change, not once per request
+            logger.error("%s %s: every request is refused", API_KEY_FILE_ENV, error)
+        self._error = error
+        return self._keys
 
 
 KEYS = ApiKeys()

@@ -204,18 +204,19 @@ class DecodePhase:
                     trace: Trace) -> DecodeStream | HandoffFailed | ErrorReply:
         """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
         local_req = decode_request(req.endpoint, req.body, None)
-        pending = [local_req]  # what the next attempt sends: the hand-off once at most, then the local prefill
+        next_req = local_req  # what the next attempt sends: the hand-off once at most, then the local prefill
         if handoff:
-            pending[0] = decode_request(req.endpoint, req.body, handoff.kv_transfer_params, handoff.kv_expires_at,
-                                        handoff.kv_fingerprint)
+            next_req = decode_request(req.endpoint, req.body, handoff.kv_transfer_params, handoff.kv_expires_at,
+                                      handoff.kv_fingerprint)
 
         async def attempt(route: RouteRequest) -> AttemptResult:
-            sent = pending[0]
+            nonlocal next_req
+            sent = next_req
             result = await self._attempt(sent, route, trace)
             if sent.kv_transfer_params is not None and result.verdict is Verdict.RETRY:
                 # The attempt reached a replica, which may have pulled the KV: the prefill engine frees its blocks on
                 # the first completed pull, so a second pull could read freed or reused blocks. Prefill locally.
-                pending[0] = local_req
+                next_req = local_req
                 trace.prefill_locally(RouteReason.KV_HANDOFF_SPENT)
             return result
 
