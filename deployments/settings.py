@@ -210,6 +210,10 @@ class LimitSettings(_Strict):
         "response_format or tools), as JSON: the engine compiles it into a grammar, and its size bounds that work.",
     )
     max_choices: int = Field(256, ge=1, description="Most choices in a structured-output choice list.")
+    structured_output_compile_timeout_s: float = Field(
+        5, gt=0, description="How long an engine may compile a new structured-output spec (in a worker thread, off "
+        "the replica's event loop) before the request is answered 400.",
+    )
     body_read_timeout_s: float = Field(
         30, gt=0, description="How long the ingress waits for a whole request body (HTTP 408 past it): a client "
         "trickling its body holds no slot for longer.",

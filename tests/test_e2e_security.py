@@ -163,3 +163,27 @@ def test_a_body_that_never_finishes_gets_408(cluster):
         s.close()
     assert answer.startswith("HTTP/1.1 408"), answer[:300]
     assert E2E_BODY_READ_TIMEOUT_S - 1 < time.monotonic() - t0 < E2E_BODY_READ_TIMEOUT_S + 10
+
+
+@pytest.mark.parametrize("entry", ["pd", "colocated"])
+def test_structured_outputs_compile_off_the_loop_and_still_bind(cluster, http, entry):
+    """The engine compiles a spec in a worker thread first; vLLM's own check then skips the compile (a choice list
+    is still rewritten into its grammar): the answer keeps to the spec, the first time and when it is remembered."""
+    base = getattr(cluster, entry)
+    choices = [f"answer-{uuid.uuid4().hex[:6]}", f"other-{uuid.uuid4().hex[:6]}"]
+    for _ in range(2):
+        resp = http.post(f"{base}/completions", json={
+            "model": cluster.model, "prompt": "Pick one:", "max_tokens": 12, "temperature": 0,
+            "structured_outputs": {"choice": choices}})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["text"] in choices
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    resp = http.post(f"{base}/chat/completions", json={
+        "model": cluster.model, "messages": [{"role": "user", "content": "Is water wet? JSON."}], "max_tokens": 32,
+        "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+    assert resp.status_code == 200, resp.text
+    assert isinstance(json.loads(resp.json()["choices"][0]["message"]["content"])["ok"], bool)
+    resp = http.post(f"{base}/completions", json={"model": cluster.model, "prompt": "x", "max_tokens": 4,
+                                                   "structured_outputs": {"regex": "(unclosed"}})
+    assert resp.status_code == 400 and "Traceback" not in resp.text and ".cc:" not in resp.text, resp.text

@@ -30,6 +30,7 @@ from ..outcomes import Failure
 from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply, PullRecomputed
 from ..settings import EngineSettings, KVConnectorSettings
 from .coalesce import coalesced
+from .structured import StructuredOutputGate
 
 logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
 
@@ -55,6 +56,7 @@ class EngineSpec:
     kv_pull_timeout_s: float = 10  # the pull deadline's upper bound (pull_deadline.cap_s)
     pull_deadline: PullDeadline = field(default_factory=PullDeadline)
     env: dict[str, str] = field(default_factory=dict)
+    structured_output_compile_timeout_s: float = 5  # limits.structured_output_compile_timeout_s
 
     def cli_args(self) -> list[str]:
         e = self.engine
@@ -200,6 +202,7 @@ class VLLMEngine:
         self._request_models: dict[str, type] = {}
         self.kv_fingerprint = ""
         self._itl = RecentMean()
+        self._structured = StructuredOutputGate(spec.structured_output_compile_timeout_s)
 
     async def start(self) -> None:
         os.environ.update(self.spec.env)
@@ -220,6 +223,7 @@ class VLLMEngine:
         self._serving = {"chat": state.openai_serving_chat, "completions": state.openai_serving_completion}
         self._request_models = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
         self._max_model_len = self._client.model_config.max_model_len
+        self._structured.install()
 
     async def _start_client(self, args):
         """vLLM's async engine with two stat loggers: Ray's, which publishes the engine's ``vllm:*`` metrics on
@@ -295,13 +299,16 @@ class VLLMEngine:
         if isinstance(request, ErrorReply):
             yield request
             return
+        serving = self._serving[req.endpoint]
+        if refused := await self._structured.precheck(request, serving):
+            yield refused
+            return
         if req.kv_transfer_params is not None:
             # Without the prefill side's cached-token count vLLM reports this engine's own, which tells whether the
             # pull delivered the prompt (_KVPullDeadline._pull_delivered).
             request.kv_transfer_params = {k: v for k, v in req.kv_transfer_params.items()
                                           if k != "remote_prefill_cached_tokens"}
         request.request_id = request_id = uuid.uuid4().hex
-        serving = self._serving[req.endpoint]
         create = serving.create_chat_completion if req.endpoint == "chat" else serving.create_completion
         try:
             result = await create(request, raw_request=None)

@@ -83,6 +83,7 @@ class EngineServer:
             engine_id=f"{self.replica}-{uuid.uuid4().hex[:8]}", num_gpus=pool.num_gpus, env=env,
             kv_lease_s=settings.routing.kv_lease_s, kv_pull_timeout_s=settings.routing.kv_pull_timeout_s,
             pull_deadline=settings.routing.pull_deadline(),
+            structured_output_compile_timeout_s=settings.limits.structured_output_compile_timeout_s,
         )
         self.num_outstanding_prompt_tokens = 0
         logger.info("starting %s engine %s (pid %d, env %s)", role, spec.engine_id, os.getpid(), env)
