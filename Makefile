@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pdserve-installed
 
-.PHONY: install run run-multinode down status test test-slow test-unit lint clean prometheus bench bench-overhead bench-compile fuzz soak chaos
+.PHONY: install run run-multinode down status test test-slow test-unit test-serve lint clean prometheus bench bench-overhead bench-compile fuzz soak chaos
 
 install: $(STAMP)
 
@@ -56,8 +56,13 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check .
 
+# Pure tests: no vLLM, NIXL, helm, locust or Ray cluster (about 15 s).
 test-unit: install
-	$(BIN)/python -m pytest -v -m "not cluster" tests
+	$(BIN)/python -m pytest -v -m "not cluster and not serve_tier and not integration" tests
+
+# The Serve tier: real Ray and Serve over fake engines; every fault of the ingress's (about 2 min).
+test-serve: install
+	$(BIN)/python -m pytest -v -rA -m serve_tier tests
 
 # Goodput sweep on the mixed, rag and chat profiles, each setup started fresh at equal cores and engine defaults:
 # pdserve elastic, colocated (one two-core engine; two one-core engines), static PD, Ray Serve LLM PD (as shipped):

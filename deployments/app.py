@@ -39,8 +39,8 @@ def _pool_options(settings: PDServeSettings, role: str) -> dict:
         "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": pool.ray_resources},
         # One engine batches up to max_num_seqs; let Serve queue a little more before routing elsewhere.
         "max_ongoing_requests": 2 * pool.engine_for(settings.engine).max_num_seqs,
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 30,
+        "health_check_period_s": pool.health_check_period_s,
+        "health_check_timeout_s": pool.health_check_timeout_s,
         # A replica leaving (scale-down, redeploy) first finishes what it holds; no request outlives its deadline.
         "graceful_shutdown_timeout_s": settings.request_timeout_s + settings.routing.kv_lease_s,
         # Bounded queue per pool: beyond it the handle raises BackPressureError and the API answers 429.

@@ -282,6 +282,14 @@ class PoolSettings(_Strict):
         "VLLM_NIXL_SIDE_CHANNEL_HOST/PORT set on the node or in 'env' win.",
     )
 
+    health_check_period_s: float = Field(
+        10, gt=0, description="How often Serve calls each replica's health check (a frozen replica is replaced "
+        "after period + timeout).",
+    )
+    health_check_timeout_s: float = Field(
+        30, gt=0, description="How long Serve waits for one health check before it replaces the replica.",
+    )
+
     def engine_for(self, shared: EngineSettings) -> EngineSettings:
         """The shared engine settings with this pool's on top (extra_args: the shared ones, then the pool's)."""
         merged = shared.model_dump() | self.engine

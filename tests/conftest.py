@@ -34,12 +34,31 @@ API_KEY = "pdserve-e2e-key"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
-# Cluster test modules run in this order, after the fast tests: the multi-node and the elastic clusters first (each
-# its own, removed before the next one starts), the idle-CPU test wants a quiet cluster, the resilience tests kill
-# replicas, and the metrics tests check (among others) metrics that failures create.
-CLUSTER_MODULE_ORDER = ["test_e2e_multinode", "test_e2e_elastic", "test_e2e_cpu", "test_e2e_errors",
-                        "test_e2e_requests", "test_e2e_security", "test_e2e_direct_ingress", "test_e2e_outputs",
-                        "test_e2e_loadtest", "test_e2e_resilience", "test_e2e_metrics"]
+# Cluster test modules run in this order, after the fast tests: the Serve tier over fake engines, then the multi-node
+# and the elastic clusters (each its own, removed before the next one starts), the idle-CPU test wants a quiet
+# cluster, the resilience tests kill replicas, and the metrics tests check (among others) metrics that failures create.
+CLUSTER_MODULE_ORDER = ["test_serve_faults", "test_e2e_multinode", "test_e2e_elastic", "test_e2e_cpu",
+                        "test_e2e_errors", "test_e2e_requests", "test_e2e_security", "test_e2e_direct_ingress",
+                        "test_e2e_outputs", "test_e2e_loadtest", "test_e2e_resilience", "test_e2e_metrics"]
+
+
+# Test modules that import vLLM when collected: a run that leaves out the integration tests (`make test-unit`) does not
+# even collect them, and fails if anything else imported vLLM.
+VLLM_AT_COLLECTION = {"test_cpu_plugin.py"}
+
+
+def _unit_tier(config) -> bool:
+    return "not integration" in (config.option.markexpr or "")
+
+
+def pytest_ignore_collect(collection_path, config):
+    return True if _unit_tier(config) and collection_path.name in VLLM_AT_COLLECTION else None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unit_tier(session.config) and "vllm" in sys.modules:
+        print("\nthe unit tier imported vLLM: mark the test that did `integration`", file=sys.stderr)
+        session.exitstatus = 1
 
 
 def pytest_collection_modifyitems(config, items):

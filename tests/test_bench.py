@@ -115,6 +115,7 @@ def test_engine_dtype_applies_to_every_engine_of_every_pdserve_setup_and_refuses
         main(["--setups", "pdserve-colocated,rayllm-pd", "--engine-dtype", "float32", "--out", str(tmp_path)])
 
 
+@pytest.mark.integration  # imports Ray Serve LLM
 @pytest.mark.parametrize("peer", PEERS)
 def test_peer_config_is_accepted_by_ray_serve_llm_and_uses_the_same_cores(peer):
     from ray.llm._internal.serve.serving_patterns.prefill_decode.builder import PDServingArgs

@@ -11,6 +11,8 @@ from vllm.platforms import cpu
 
 from deployments.engine import cpu_plugin
 
+pytestmark = pytest.mark.integration  # vLLM's own classes
+
 
 @pytest.fixture(autouse=True)
 def _restore_vllm(monkeypatch):

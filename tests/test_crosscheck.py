@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from loadtests.crosscheck import compare, markdown, vllm_bench_command, write_prompts
 
 
@@ -16,6 +18,7 @@ def test_prompts_file_is_the_profiles_prompts_in_order(tmp_path):
     assert [line["prompt"] for line in lines] == expected
 
 
+@pytest.mark.integration
 def test_vllm_bench_command_is_accepted_by_vllms_own_parser(tmp_path):
     from vllm.benchmarks.serve import add_cli_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser

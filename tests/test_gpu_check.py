@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # runs the check script (NIXL, torch)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "cluster" / "gpu_check.py"
 

@@ -27,6 +27,8 @@ from deployments.settings import PDServeSettings, parse_settings
 from tests import helm_tools as ht
 from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
 
+pytestmark = pytest.mark.integration  # runs helm
+
 CI_IDS = [p.name for p in CI_VALUES]
 EXPECTED_CI = {"default-values.yaml", "cpu-values.yaml", "autoscaling-values.yaml", "monitoring-off-values.yaml",
                "gpu-rdma-values.yaml", "elastic-values.yaml", "direct-ingress-values.yaml", "hardened-values.yaml"}

@@ -297,6 +297,7 @@ def test_stream_request_to_a_closed_port_is_a_connection_error():
 
 # ---- the locustfile, headless -----------------------------------------------------------------------------------
 
+@pytest.mark.integration  # runs locust
 def test_unreachable_server_exits_non_zero_with_a_clear_message(tmp_path):
     proc = _locust("--host", "http://127.0.0.1:9", "-t", "3s", "--report-dir", str(tmp_path / "r"))
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -304,6 +305,7 @@ def test_unreachable_server_exits_non_zero_with_a_clear_message(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.integration  # runs locust
 @pytest.mark.parametrize("args, message", [
     (["--profile", "nope"], "unknown profile 'nope'; choose one of chat, rag, mixed, prefix, jsonl"),
     (["--request-rate", "-1"], "argument --request-rate: must be >= 0, got -1"),
@@ -316,6 +318,7 @@ def test_bad_options_exit_non_zero_with_a_clear_message(args, message):
     assert message in proc.stderr
 
 
+@pytest.mark.integration  # runs locust
 def test_open_loop_run_reports_what_the_server_served(fake_server, tmp_path):
     before = fake_server.num_completed
     summary = run_locust(fake_server.base_url, "mixed", 5.0, 4, tmp_path / "run", max_tokens=8, seed=3,
@@ -343,6 +346,7 @@ def test_open_loop_run_reports_what_the_server_served(fake_server, tmp_path):
     assert any(r.startswith("TTFT,") for r in rows) and any(r.startswith("ITL,") for r in rows)
 
 
+@pytest.mark.integration  # runs locust
 def test_closed_loop_run_with_a_prompts_file(fake_server, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Say hi.", "max_tokens": 3}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')

@@ -4,7 +4,11 @@ vLLM's import path (the cluster tests check real engines)."""
 import sys
 import types
 
+import pytest
+
 from deployments.engine import nixl_plugin
+
+pytestmark = pytest.mark.integration  # NIXL and vLLM's connector; one test pip-installs a wheel
 
 
 class FakeConfig:

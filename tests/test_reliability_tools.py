@@ -20,6 +20,7 @@ def _validator(spec: dict, name: str):
     return jsonschema.Draft202012Validator(schema)
 
 
+@pytest.mark.integration  # vLLM's request schemas
 @pytest.mark.parametrize("stream", [False, True])
 def test_fuzz_spec_bounds_output_and_fixes_stream(specs, stream):
     spec = specs[stream]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -21,6 +22,8 @@ from ..settings import ENGINE_PRIVACY_ENV, PDServeSettings, PoolSettings
 logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: lands in the replica log
 
 
+# Tests only: "module:Class" of a stand-in for VLLMEngine (tests/fake_engine.py), read from the node's environment.
+ENGINE_CLASS_ENV = "PDSERVE_ENGINE_CLASS"
 DEFAULT_PORT_BASE = {"prefill": 5600, "decode": 5700, "colocated": 5800, "elastic": 5900}
 NUM_SPARE_PORTS = 32  # base+32 .. base+63: for a replica whose rank's port is still held
 
@@ -40,6 +43,14 @@ def side_channel_port(host: str, base: int, local_rank: int) -> int:
         if _port_free(host, port):
             return port
     raise RuntimeError(f"no free NIXL side channel port on {host} in {base}..{base + 2 * NUM_SPARE_PORTS - 1}")
+
+
+def engine_class() -> type:
+    path = os.environ.get(ENGINE_CLASS_ENV)
+    if not path:
+        return VLLMEngine
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def pool_of(settings: PDServeSettings, role: Role) -> PoolSettings:
@@ -87,7 +98,7 @@ class EngineServer:
         )
         self.num_outstanding_prompt_tokens = 0
         logger.info("starting %s engine %s (pid %d, env %s)", role, spec.engine_id, os.getpid(), env)
-        self.engine = VLLMEngine(spec)
+        self.engine = engine_class()(spec)
         await self.engine.start()
         logger.info("%s engine %s ready", role, spec.engine_id)
 
