@@ -1,9 +1,9 @@
 """The real cluster the e2e tests share: `pdserve up` with the shipped configs, torn down by `pdserve down`.
 
-One Ray cluster serves two applications of the default model (SmolLM2-135M-Instruct): the default
-disaggregated config at ``/`` and the colocated baseline at ``/colocated``. Every engine binds one core
-(one OMP thread), so greedy outputs of both modes are comparable token for token. The engines run in
-float32 here: in bf16 the decode engine's separately computed last prompt token shifts near-tied logits
+One Ray cluster serves three applications of the default model (SmolLM2-135M-Instruct), each a shipped config: the
+default disaggregated one at ``/``, the colocated baseline at ``/colocated`` and elastic at ``/elastic``. Every
+engine binds one core (one OMP thread), so greedy outputs of all modes are comparable token for token. The engines
+run in float32 here: in bf16 the decode engine's separately computed last prompt token shifts near-tied logits
 (measured: 1 of 12 cases diverged mid-answer), which is rounding, not a transfer error.
 """
 
@@ -34,12 +34,13 @@ API_KEY = "pdserve-e2e-key"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
-# Cluster test modules run in this order, after the fast tests: the Serve tier over fake engines, then the multi-node
-# and the elastic clusters (each its own, removed before the next one starts), the idle-CPU test wants a quiet
-# cluster, the resilience tests kill replicas, and the metrics tests check (among others) metrics that failures create.
-CLUSTER_MODULE_ORDER = ["test_serve_faults", "test_e2e_multinode", "test_e2e_elastic", "test_e2e_cpu",
-                        "test_e2e_errors", "test_e2e_requests", "test_e2e_security", "test_e2e_direct_ingress",
-                        "test_e2e_outputs", "test_e2e_loadtest", "test_e2e_resilience", "test_e2e_metrics"]
+# Cluster test modules run in this order, after the fast tests: the Serve tier over fake engines and the multi-node
+# cluster (each its own, removed before the next one starts), then the shared real cluster: the idle-CPU test wants
+# it quiet, the resilience tests freeze engines, the metrics tests check (among others) metrics that failures create,
+# and the elastic tests end by killing an engine.
+CLUSTER_MODULE_ORDER = ["test_serve_faults", "test_e2e_multinode", "test_e2e_cpu", "test_e2e_errors",
+                        "test_e2e_requests", "test_e2e_security", "test_e2e_direct_ingress", "test_e2e_outputs",
+                        "test_e2e_loadtest", "test_e2e_resilience", "test_e2e_metrics", "test_e2e_elastic"]
 
 
 # Test modules that import vLLM when collected: a run that leaves out the integration tests (`make test-unit`) does not
@@ -105,7 +106,8 @@ class Cluster:
                 continue
         return out
 
-    def wait_for_replicas(self, deployment: str, count: int, timeout_s: float = 300) -> list[Replica]:
+    def wait_for_replicas(self, deployment: str, count: int, timeout_s: float = 300,
+                          app: str = "pdserve") -> list[Replica]:
         """Until ``count`` replicas are alive and serving (Serve restarts killed ones)."""
         import time
 
@@ -113,9 +115,9 @@ class Cluster:
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            status = serve.status().applications["pdserve"].deployments[deployment]
-            if status.status.value == "HEALTHY" and len(self.replicas(deployment)) == count:
-                return self.replicas(deployment)
+            status = serve.status().applications[app].deployments[deployment]
+            if status.status.value == "HEALTHY" and len(self.replicas(deployment, app)) == count:
+                return self.replicas(deployment, app)
             time.sleep(2)
         raise TimeoutError(f"{deployment}: {count} healthy replicas not back within {timeout_s} s")
 
@@ -145,25 +147,33 @@ def direct_ingress_bases(num_apps: int) -> dict[str, str]:
     return out
 
 
+# The elastic application's settings on the shared cluster (tests/test_e2e_elastic.py): streams pack by count alone
+# (an engine counts as slow, taking no more streams, only past 400 ms between tokens, far above what three float32
+# streams on one core see on a busy machine; the rule itself is unit-tested).
+E2E_ELASTIC_ROUTING = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "elastic_pack_itl_fraction": 1.0}
+E2E_APPS = ("/", "/colocated", "/elastic")
+
+
 def _combined_config(tmp: Path) -> Path:
-    pd = yaml.safe_load((ROOT / "cluster/local-disaggregated.yaml").read_text())
-    colo = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
-    colo_app = colo["applications"][0] | {"name": "colocated", "route_prefix": "/colocated"}
-    for app in pd["applications"] + [colo_app]:
-        app["args"]["engine"]["dtype"] = "float32"
-    # Two replicas per pool, so that failures can be survived; each engine still binds one core (one thread).
-    args = pd["applications"][0]["args"]
-    for pool in ("prefill", "decode"):
-        args[pool] |= {"num_replicas": 2, "cpu_bind": ["0", "1"]}
-    # Prefill deadlines as by default (derived from prompt size and measured speed); a shorter pull deadline
-    # and breaker cooldown keep the failure tests short.
-    args["routing"] = dict(E2E_ROUTING)
-    args["engine"]["max_num_seqs"] = 4
-    for app in pd["applications"] + [colo_app]:
+    """The shipped configs as three applications of one cluster: disaggregated (one prefill and one decode engine)
+    at /, colocated (one engine) at /colocated, elastic (two engines) at /elastic; each engine on one core."""
+    pd = yaml.safe_load((ROOT / "cluster/local-disaggregated.yaml").read_text())["applications"][0]
+    colo = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())["applications"][0]
+    elastic = yaml.safe_load((ROOT / "cluster/local-elastic.yaml").read_text())["applications"][0]
+    colo |= {"name": "colocated", "route_prefix": "/colocated"}
+    elastic |= {"name": "elastic", "route_prefix": "/elastic"}
+    apps = [pd, colo, elastic]
+    for app in apps:
+        app["args"]["engine"] |= {"dtype": "float32", "max_num_seqs": 4}  # float32: comparable token for token
         app["args"]["http"] = {"direct_ingress_port": E2E_DIRECT_INGRESS_PORT}
         app["args"]["limits"] = {"body_read_timeout_s": E2E_BODY_READ_TIMEOUT_S}
+    # Prefill deadlines as by default (derived from prompt size and measured speed); a shorter pull deadline
+    # and breaker cooldown keep the failure tests short.
+    pd["args"]["routing"] = dict(E2E_ROUTING)
+    elastic["args"]["routing"] = dict(E2E_ELASTIC_ROUTING)
+    elastic["args"]["slo"] = {"itl_s": 0.4}
     path = tmp / "e2e.yaml"
-    path.write_text(yaml.safe_dump({"applications": pd["applications"] + [colo_app]}))
+    path.write_text(yaml.safe_dump({"applications": apps}))
     return path
 
 
@@ -176,7 +186,8 @@ def cluster(tmp_path_factory):
         import ray
 
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-        yield Cluster(base="http://127.0.0.1:8000", model="smollm2-135m-instruct", direct=direct_ingress_bases(2))
+        yield Cluster(base="http://127.0.0.1:8000", model="smollm2-135m-instruct",
+                      direct=direct_ingress_bases(len(E2E_APPS)))
         return
     up = subprocess.run([PDSERVE, "up", "--config", str(config)], env=env, timeout=1200,
                         capture_output=True, text=True)
@@ -188,7 +199,7 @@ def cluster(tmp_path_factory):
 
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
         settings = yaml.safe_load(config.read_text())["applications"][0]["args"]
-        direct = direct_ingress_bases(2)
+        direct = direct_ingress_bases(len(E2E_APPS))
         # `pdserve up` names each application's direct-ingress URL first, the proxy's after it
         assert f"pdserve: {direct['/']}/v1 (" in up.stdout and f"colocated: {direct['/colocated']}/colocated/v1 (" \
             in up.stdout, up.stdout

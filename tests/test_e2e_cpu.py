@@ -15,7 +15,8 @@ import pytest
 from .prompts import SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
-ENGINES = [("PrefillServer", "pdserve"), ("DecodeServer", "pdserve"), ("ColocatedServer", "colocated")]
+ENGINES = [("PrefillServer", "pdserve"), ("DecodeServer", "pdserve"), ("ColocatedServer", "colocated"),
+           ("ElasticServer", "elastic")]
 
 
 def _tree(pid: int) -> list[psutil.Process]:

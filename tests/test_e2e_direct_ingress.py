@@ -17,14 +17,14 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import AUTH, E2E_DIRECT_INGRESS_PORT, PDSERVE, ROOT
+from .conftest import AUTH, E2E_APPS, E2E_DIRECT_INGRESS_PORT, PDSERVE, ROOT
 from .prompts import SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
 
 
 def test_each_application_answers_on_its_own_port(cluster):
-    assert set(cluster.direct) == {"/", "/colocated"} and len(set(cluster.direct.values())) == 2
+    assert set(cluster.direct) == set(E2E_APPS) and len(set(cluster.direct.values())) == len(E2E_APPS)
     for prefix, base in cluster.direct.items():
         assert httpx.get(f"{base}{prefix.rstrip('/')}/health", timeout=10).status_code == 200
     # the other application's routes are not served on this port

@@ -1,65 +1,36 @@
-"""Elastic mode on a real cluster of its own: two kv_both engines (one core each) that prefill for each other or
-serve requests whole, as the ingress's policy chooses, over real HTTP and real NIXL; and the colocated baseline
-(one engine, one core) at /colocated. Runs before the shared cluster starts (conftest's module order) and
-removes its cluster afterwards.
+"""Elastic mode on the shared cluster (the application at /elastic): two kv_both engines (one core each) that
+prefill for each other or serve requests whole, as the ingress's policy chooses, over real HTTP and real NIXL, and
+the colocated baseline (one engine, one core) at /colocated.
 
 Outputs equal colocated token for token (float32, one thread per engine, greedy), whichever route a request
 took; the policy's routes follow from the ingress's own bookings (with an ITL target no engine here comes near), so
-they are deterministic here."""
+they are deterministic while the other applications are idle. The last test kills an engine: it runs with the real
+faults, after the other modules' tests (conftest's module order)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from .conftest import API_KEY, AUTH, PDSERVE, ROOT
+from .conftest import AUTH
 from .prompts import SHORT, long_prompt, tagged
 from .test_e2e_outputs import _body, _call
 
 pytestmark = pytest.mark.cluster
-BASE = "http://127.0.0.1:8000"
+APP = "elastic"
 MODEL = "smollm2-135m-instruct"
 
 
-def _config(tmp: Path) -> Path:
-    elastic = yaml.safe_load((ROOT / "cluster/local-elastic.yaml").read_text())["applications"][0]
-    colo = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())["applications"][0]
-    colo |= {"name": "colocated", "route_prefix": "/colocated"}
-    for app in (elastic, colo):
-        app["args"]["engine"] |= {"dtype": "float32", "max_num_seqs": 4}
-    elastic["args"]["routing"] = {"kv_pull_timeout_s": 8, "breaker_cooldown_s": 10, "elastic_pack_itl_fraction": 1.0}
-    # Streams pack by count alone here: an engine counts as slow (it takes no more streams) only past 400 ms between
-    # tokens, far above what three float32 streams on one core see on a busy machine (150 ms was not: one CI run
-    # spilled the third stream). The rule itself is unit-tested.
-    elastic["args"]["slo"] = {"itl_s": 0.4}
-    path = tmp / "elastic.yaml"
-    path.write_text(yaml.safe_dump({"applications": [elastic, colo]}))
-    return path
-
-
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    path = _config(tmp_path_factory.mktemp("elastic"))
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "PDSERVE_API_KEY": API_KEY}
-    up = subprocess.run([PDSERVE, "up", "--config", str(path)], env=env, timeout=1200, capture_output=True, text=True)
-    print(up.stdout[-3000:], up.stderr[-3000:])
-    try:
-        assert up.returncode == 0, up.stderr[-5000:]
-        with httpx.Client(base_url=BASE, timeout=300, headers=AUTH) as client:
-            yield client
-    finally:
-        subprocess.run([PDSERVE, "down"], env=env, timeout=300)
+def api(cluster):
+    with httpx.Client(base_url=f"{cluster.base}/elastic", timeout=300, headers=AUTH) as client:
+        yield client
 
 
 def _long_stream(api: httpx.Client, started: threading.Event, done: list) -> None:
@@ -77,17 +48,17 @@ def _long_stream(api: httpx.Client, started: threading.Event, done: list) -> Non
 def _routed(api: httpx.Client, endpoint: str, text: str, stream: bool) -> tuple[tuple, dict]:
     """(text, finish, usage) through the elastic app, and the route headers it answered with."""
     headers: dict = {}
-    out = _call(api, f"{BASE}/v1", endpoint, _body(endpoint, text, stream, MODEL), headers)
+    out = _call(api, "/v1", endpoint, _body(endpoint, text, stream, MODEL), headers)
     return out, headers
 
 
 @pytest.mark.parametrize("endpoint,stream", [("chat", True)])
-def test_elastic_routes_equal_colocated(api, endpoint, stream):
+def test_elastic_routes_equal_colocated(cluster, api, endpoint, stream):
     """Idle pool: a long prompt is served whole by one engine. Three streams are then packed onto one engine; the
     next long prompt is prefilled on the other, quiet engine and decoded on the busy one, which pulls its KV over
     NIXL. Both answers equal the colocated engine's."""
     texts = [tagged(f"elastic-{endpoint}-{i}-{uuid.uuid4().hex[:6]}", long_prompt(40)) for i in range(2)]
-    colo = [_call(api, f"{BASE}/colocated/v1", endpoint, _body(endpoint, t, stream, MODEL)) for t in texts]
+    colo = [_call(api, cluster.colocated, endpoint, _body(endpoint, t, stream, MODEL)) for t in texts]
 
     whole, h = _routed(api, endpoint, texts[0], stream)
     assert (h["x-pdserve-route"], h["x-pdserve-route-reason"]) == ("local_prefill", "no_streams_to_stall"), h
@@ -118,22 +89,21 @@ def test_elastic_routes_equal_colocated(api, endpoint, stream):
     assert out[2]["prompt_tokens"] > 400 and out[2]["completion_tokens"] > 0
 
 
-def test_elastic_short_prompt_is_served_whole(api):
+def test_elastic_short_prompt_is_served_whole(cluster, api):
     text = tagged(uuid.uuid4().hex, SHORT)
     out, h = _routed(api, "completions", text, False)
     assert (h["x-pdserve-route"], h["x-pdserve-route-reason"]) == ("local_prefill", "short_prompt")
-    assert out == _call(api, f"{BASE}/colocated/v1", "completions", _body("completions", text, False, MODEL))
+    assert out == _call(api, cluster.colocated, "completions", _body("completions", text, False, MODEL))
 
 
 def _routing_stats() -> dict[str, dict]:
-    """Replica id -> what each elastic engine reports to the routers now (Serve's own call, made from a process of
-    its own as in ``_engine_pids``)."""
-    code = ("import json, ray; from loadtests.engines import serve_replicas, _connect; _connect(); "
-            "print(json.dumps({r.replica: ray.get(ray.get_actor(r.actor_name, namespace='serve')"
-            ".record_routing_stats.remote(), timeout=60) for r in serve_replicas('pdserve', 'ElasticServer')}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Replica id -> what each elastic engine reports to the routers now (Serve's own call)."""
+    import ray
+
+    from loadtests.engines import serve_replicas
+
+    return {r.replica: ray.get(ray.get_actor(r.actor_name, namespace="serve").record_routing_stats.remote(),
+                               timeout=60) for r in serve_replicas(APP, "ElasticServer")}
 
 
 def test_engines_report_the_inter_token_latency_their_streams_see(api):
@@ -153,22 +123,17 @@ def test_engines_report_the_inter_token_latency_their_streams_see(api):
     assert all(s["itl_s"] == 0.0 for replica, s in stats.items() if replica != busy), stats
 
 
-def _engine_pids() -> dict[str, int]:
-    """Replica id -> pid of the elastic engines, asked by a process of its own: this one must not keep a Ray or
-    Serve connection to a cluster that is gone when the shared cluster's tests run."""
-    code = ("import json; from loadtests.engines import replica_stats, serve_replicas; "
-            "print(json.dumps({r.replica: replica_stats(*r).pid for r in serve_replicas('pdserve', 'ElasticServer')}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _engine_pids(cluster) -> dict[str, int]:
+    """Replica id -> pid of the elastic engines."""
+    return {r.id: r.pid for r in cluster.replicas("ElasticServer", APP)}
 
 
-def test_killed_elastic_engine_loses_no_request(api):
+def test_killed_elastic_engine_loses_no_request(cluster, api):
     """A mixed burst while one of the two engines is killed: every request is answered (a dead prefill engine or
     a dead decode engine before the first token are retried on the other one, or prefilled locally there)."""
     import signal
 
-    pids = _engine_pids()
+    pids = _engine_pids(cluster)
     victim = sorted(pids)[0]
     prompts = [tagged(f"ekill-{i}-{uuid.uuid4().hex[:6]}", long_prompt(40) if i % 2 else SHORT) for i in range(10)]
 
@@ -184,3 +149,4 @@ def test_killed_elastic_engine_loses_no_request(api):
     assert [r.status_code for r in resps] == [200] * len(prompts), [r.text[:200] for r in resps if r.status_code != 200]
     survivors = {r.headers.get("x-pdserve-decode-replica") for r in resps if r.headers.get("x-pdserve-fallback")}
     assert victim not in survivors  # a request that failed over ended on the other engine
+    cluster.wait_for_replicas("ElasticServer", 2, app=APP)  # replaced: the cluster's teardown need not wait for it

@@ -1,15 +1,13 @@
 """Routing and failure handling on the real cluster, where it needs real engines: KV moved or not, prefix caches,
-engines freed after a disconnect, pulls that fail or hit their deadline, and one real replica kill.
+engines freed after a disconnect, pulls that fail, and a prefill engine frozen under a pull (a real fault).
 
 The ingress's fault handling (kills and freezes of either phase, overload, disconnects) runs over fake engines on
-real Serve in test_serve_faults.py, in seconds. Runs after the output tests (file order): a killed replica takes
-Serve about a minute to replace.
+real Serve in test_serve_faults.py, in seconds.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -25,7 +23,7 @@ from deployments.outcomes import Failure
 from deployments.replies import HandoffFailed
 
 from .conftest import AUTH
-from .faults import burst, complete, ingress_log, process_group, text
+from .faults import complete, ingress_log, process_group, text
 from .prompts import SHORT, long_prompt, tagged
 
 pytestmark = pytest.mark.cluster
@@ -61,7 +59,9 @@ def test_short_prompt_prefills_locally_long_one_moves_kv(cluster):
         assert line["route"] == route and line["status"] == 200 and line["e2e_s"] > 0, line
 
 
-def test_prefix_affinity_keeps_a_shared_prefix_on_one_prefill_replica(cluster):
+def test_prefix_cache_of_the_prefill_engine_serves_a_shared_prefix(cluster):
+    """Requests sharing a long prefix reuse it from the prefill engine's cache (the affinity that keeps them on one
+    prefill replica of several is tested on the Serve tier)."""
     prefix = tagged(uuid.uuid4().hex, LONG)
     chosen, before = set(), {r.id: cluster.stats("PrefillServer", replica=r.id).get("vllm:prefix_cache_hits_total")
                              for r in cluster.replicas("PrefillServer")}
@@ -134,16 +134,6 @@ def test_failed_kv_pull_is_bounded_and_falls_back(cluster, silent_side_channel, 
     else:
         assert reply.body["choices"][0]["text"] == text(complete(cluster.colocated, cluster.model, body["prompt"], 4))
     print(f"{channel} side channel: {type(reply).__name__} after {elapsed:.1f} s")
-
-
-def test_killed_decode_replica_before_first_token_is_retried(cluster):
-    victim = cluster.replicas("DecodeServer")[0]
-    os.kill(victim.pid, signal.SIGKILL)
-    prompts = [tagged(f"dkill-{i}-{uuid.uuid4().hex[:6]}", SHORT) for i in range(6)]
-    resps, _ = burst(cluster, prompts)
-    assert all(r.status_code == 200 for r in resps), [r.text for r in resps]
-    assert all(r.headers["x-pdserve-decode-replica"] != victim.id for r in resps)
-    cluster.wait_for_replicas("DecodeServer", 2)
 
 
 def test_kv_pull_from_a_frozen_prefill_engine_hits_the_deadline(cluster):

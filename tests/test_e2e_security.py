@@ -56,14 +56,14 @@ def test_ray_refuses_a_job_submission_and_a_driver_without_its_token(cluster, tm
 
 
 def test_nothing_pdserve_started_listens_beyond_loopback(cluster):
-    """`ss` as a user would run it: the NIXL side channels (5600+, 5700+), the API, the metrics target and Ray's own
-    ports are on loopback. Serve's inter-deployment gRPC server binds every address in Ray itself (it requires Ray's
-    token, tested above through the GCS): the only exception, by process and port."""
+    """`ss` as a user would run it: the NIXL side channels (5600+, 5700+, 5900+), the API, the metrics target and
+    Ray's own ports are on loopback. Serve's inter-deployment gRPC server binds every address in Ray itself (it
+    requires Ray's token, tested above through the GCS): the only exception, by process and port."""
     ours = {p.pid for p in _ray_processes()}
     listeners = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
     assert listeners, "no listener of the Ray cluster found"
-    side_channels = [c for c in listeners if 5600 <= c.laddr.port < 5664 or 5700 <= c.laddr.port < 5764]
-    assert len(side_channels) >= 4, listeners  # two prefill and two decode engines
+    side_channels = [c for c in listeners if any(base <= c.laddr.port < base + 64 for base in (5600, 5700, 5900))]
+    assert len(side_channels) >= 4, listeners  # the prefill, the decode and the two elastic engines
     serve_grpc = {p.pid for p in _ray_processes() if "ServeReplica" in " ".join(p.cmdline()[:1])}
     open_ = [(c.laddr, psutil.Process(c.pid).name()) for c in listeners
              if not c.laddr.ip.removeprefix("::ffff:").startswith("127.")

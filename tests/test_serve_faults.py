@@ -98,6 +98,19 @@ def test_fake_engines_answer_alike_on_every_route(cluster):
     assert httpx.post(cluster.pd + "/completions", json={"model": cluster.model, "prompt": "x"}).status_code == 401
 
 
+def test_prefix_affinity_keeps_a_shared_prefix_on_one_prefill_replica(cluster):
+    prefix = tagged(uuid.uuid4().hex, LONG)
+    chosen = set()
+    for i in range(6):
+        resp = complete(cluster.pd, cluster.model, prefix + f"\nQuestion {i}: which fact mentions granite?", 4)
+        assert resp.status_code == 200 and resp.headers["x-pdserve-route"] == "disaggregated", resp.text
+        chosen.add(resp.headers["x-pdserve-prefill-replica"])
+    assert len(chosen) == 1, chosen
+    others = {complete(cluster.pd, cluster.model, tagged(uuid.uuid4().hex, LONG), 4).headers[
+        "x-pdserve-prefill-replica"] for _ in range(8)}
+    assert len(others) == 2, others  # other prefixes spread over both replicas
+
+
 @pytest.mark.parametrize("entry", ["pd", "direct_pd"], ids=["via-proxy", "direct-ingress"])
 def test_client_disconnect_mid_stream_frees_the_decode_engine(cluster, entry):
     with httpx.Client(timeout=60, headers=AUTH) as client, \
