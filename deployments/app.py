@@ -9,10 +9,12 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from .api import Ingress
+from .config import parse_settings
+from .roles import ROLES
 from .routing.autoscaling import PoolAutoscalingPolicy
 from .servers import DecodeServer, ElasticServer, PrefillServer
 from .servers.base import pool_of
-from .settings import PDServeSettings, PoolSettings, parse_settings
+from .settings import PDServeSettings, PoolSettings
 
 
 def _autoscaling_config(pool: PoolSettings, settings: PDServeSettings, role: str) -> dict:
@@ -62,7 +64,7 @@ def build_app(args: dict | PDServeSettings, ingress_env: dict[str, str] | None =
     ingress = Ingress.options(ray_actor_options=actor_options)
     if settings.mode == "colocated":
         engines = DecodeServer.options(
-            name="ColocatedServer", **_pool_options(settings, "colocated"))
+            name=ROLES["colocated"].deployment, **_pool_options(settings, "colocated"))
         return ingress.bind(settings, None, engines.bind(settings, "colocated"))
     if settings.mode == "elastic":  # one pool plays both phases: the ingress holds it as both
         engines = ElasticServer.options(**_pool_options(settings, "elastic")).bind(settings, "elastic")

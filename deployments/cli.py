@@ -12,9 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .config import SettingsError, load_serve_config
 from .credentials import api_key_file, node_environ, ray_token_path, use_ray_auth
 from .models import cache_dir, prepare_default_model, prepare_tiny_model
-from .settings import API_KEY_ENV, API_KEY_FILE_ENV, DEFAULT_MODEL, SettingsError, load_serve_config
+from .settings import API_KEY_ENV, API_KEY_FILE_ENV, DEFAULT_MODEL
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "local-disaggregated.yaml"
 METRICS_PORT = 8080  # Ray's metrics export port, KubeRay's convention
@@ -166,7 +167,7 @@ def cmd_up(args) -> int:
 
     from ray import serve
 
-    from .api.direct_ingress import direct_ingress_urls, ray_node_env
+    from .api.direct_ingress import ray_node_env
     from .app import build_app
 
     started = _connect(True, args.num_cpus, ray_node_env([s for _, s in apps]), args.node_ip_address)
@@ -192,7 +193,14 @@ def cmd_up(args) -> int:
         print(f"pdserve: deployment failed: {exc}{reasons}\nreplica logs: /tmp/ray/session_latest/logs/serve/; "
               "`pdserve down` removes what was deployed", file=sys.stderr)
         return 1
+    return _wait_and_say_where(apps, http, started, args.timeout, t0)
+
+
+def _wait_and_say_where(apps, http, started: bool, timeout_s: float, t0: float) -> int:
+    """Wait until every application answers on each of its URLs; print them and the metrics target."""
     import ray
+
+    from .api.direct_ingress import direct_ingress_urls
 
     # Listening on every address: clients reach it on the head node's Ray address.
     host = ray.util.get_node_ip_address() if http.host in ("0.0.0.0", "::") else http.host
@@ -201,7 +209,7 @@ def cmd_up(args) -> int:
         direct = direct_ingress_urls([a.name for a, _ in apps], http) if http.direct_ingress_port else {}
         for app, _ in apps:
             for url in (base, *direct.get(app.name, [])):
-                wait_http(f"{url}{app.route_prefix.rstrip('/')}/health", args.timeout)
+                wait_http(f"{url}{app.route_prefix.rstrip('/')}/health", timeout_s)
     except TimeoutError as exc:
         print(f"pdserve: {exc}\nreplica logs: /tmp/ray/session_latest/logs/serve/", file=sys.stderr)
         return 1

@@ -76,9 +76,9 @@ def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float
 def _engine_args(enforce_eager: bool | None = None, dtype: str | None = None) -> tuple[list[str], dict[str, str]]:
     """`vllm serve` arguments and env of the engine pdserve's colocated app runs, built by pdserve's own code
     (``enforce_eager``, ``dtype``: instead of the config's)."""
+    from deployments.config import load_serve_config
     from deployments.engine.vllm_engine import EngineSpec
     from deployments.models import resolve_model
-    from deployments.settings import load_serve_config
 
     [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")
     engine = settings.engine
@@ -221,7 +221,7 @@ def pdserve_colocated(out: Path, env: dict | None = None, http: dict | None = No
                       dtype: str | None = None) -> Iterator[str]:
     """pdserve's colocated app (one replica, core 0) with ``env`` added to its nodes' environment, ``http`` to its
     http settings and ``dtype`` (if given) as its engine's: its URL."""
-    from deployments.settings import load_serve_config
+    from deployments.config import load_serve_config
 
     doc = yaml.safe_load((ROOT / "cluster/local-colocated.yaml").read_text())
     args = doc["applications"][0]["args"]

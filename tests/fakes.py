@@ -14,9 +14,10 @@ from collections.abc import Callable
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.api.ingress import Ingress
+from deployments.api.orchestrator import Orchestrator, PoolSource
 from deployments.outcomes import Failure
 from deployments.replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
+from deployments.roles import deployments_of
 from deployments.routing import ReplicaLoad
 from deployments.settings import PDServeSettings
 
@@ -186,18 +187,20 @@ class FakeDecodeHandle:
         yield "data: [DONE]\n\n"
 
 
+def fake_source(mode: str, prefill: FakePool | None, decode: FakePool) -> PoolSource:
+    """The fake pools behind the deployment names of ``mode``, as the orchestrator sees pools over Serve."""
+    by_name = dict(zip(deployments_of(mode), (prefill, decode), strict=True))
+    return PoolSource(view=lambda name: by_name[name].view(),
+                      probe=lambda name, replica, timeout_s: by_name[name].probe(replica, timeout_s))
+
+
 def fake_ingress(prefill: FakePool | None, decode: FakePool, settings: dict | None = None,
-                 prefill_handle: Callable[[FakePool], object] = FakePrefillHandle):
-    """The real ``Ingress`` class (not deployed) over fake pools."""
+                 prefill_handle: Callable[[FakePool], object] = FakePrefillHandle) -> Orchestrator:
+    """The real request path (``Orchestrator``, as the ingress runs it) over fake pools."""
     args = {"mode": "disaggregated", "prefill": {}, "decode": {}} if prefill else {"mode": "colocated", "colocated": {}}
-    args = _merge(args, settings or {})
-    cls = Ingress.func_or_class.__mro__[1]  # the class itself, under Serve's ASGI wrapper
-    ingress = cls(PDServeSettings.model_validate(args),
-                                    prefill_handle(prefill) if prefill else None, FakeDecodeHandle(decode))
-    for phase, pool in ((ingress.prefill, prefill), (ingress.decode, decode)):
-        if phase is not None:
-            phase.pool.view, phase.pool.probe = pool.view, pool.probe
-    return ingress
+    settings = PDServeSettings.model_validate(_merge(args, settings or {}))
+    return Orchestrator(settings, prefill_handle(prefill) if prefill else None, FakeDecodeHandle(decode),
+                        fake_source(settings.mode, prefill, decode))
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -227,12 +230,8 @@ class FakeElasticHandle:
         return self
 
 
-def fake_elastic_ingress(pool: FakePool, settings: dict | None = None):
-    """The real ``Ingress`` class (not deployed) in elastic mode over one fake pool."""
-    args = _merge({"mode": "elastic", "elastic": {}}, settings or {})
-    cls = Ingress.func_or_class.__mro__[1]
+def fake_elastic_ingress(pool: FakePool, settings: dict | None = None) -> Orchestrator:
+    """The real request path in elastic mode over one fake pool."""
     handle = FakeElasticHandle(pool)
-    ingress = cls(PDServeSettings.model_validate(args), handle, handle)
-    for phase in (ingress.prefill, ingress.decode):
-        phase.pool.view, phase.pool.probe = pool.view, pool.probe
-    return ingress
+    settings = PDServeSettings.model_validate(_merge({"mode": "elastic", "elastic": {}}, settings or {}))
+    return Orchestrator(settings, handle, handle, fake_source("elastic", pool, pool))

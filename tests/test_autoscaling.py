@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from deployments.config import SettingsError, parse_settings
 from deployments.routing.autoscaling import (
     KV_USAGE,
     PROMPT_TOKENS,
@@ -14,7 +15,6 @@ from deployments.routing.autoscaling import (
     PoolAutoscalingPolicy,
     desired_replicas,
 )
-from deployments.settings import SettingsError, parse_settings
 from tests.helm_tools import app_deployments
 
 

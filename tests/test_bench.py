@@ -84,7 +84,7 @@ def test_decisions_show_local_and_disaggregated_counts_and_reasons_at_three_rate
 
 
 def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
-    from deployments.settings import load_serve_config
+    from deployments.config import load_serve_config
 
     for setup, (kind, _, _) in SETUPS.items():
         if kind != "pdserve":
@@ -101,7 +101,7 @@ def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
 
 
 def test_engine_dtype_applies_to_every_engine_of_every_pdserve_setup_and_refuses_the_peer(tmp_path):
-    from deployments.settings import load_serve_config
+    from deployments.config import load_serve_config
     from loadtests.bench import main
 
     for setup, (kind, _, _) in SETUPS.items():
@@ -146,7 +146,8 @@ def test_machine_line_says_whether_the_cpu_has_bf16_instructions():
 def test_overhead_direct_ingress_row_targets_the_ingress_replica_not_the_proxy():
     """With direct ingress the proxy still holds port 8000: the row must send to the replica's own port, or it
     measures the proxy hop it means to remove."""
-    from deployments.settings import DIRECT_INGRESS_SPAN, HttpSettings, load_serve_config
+    from deployments.config import load_serve_config
+    from deployments.settings import DIRECT_INGRESS_SPAN, HttpSettings
     from loadtests.overhead import BARE_PORT, DIRECT_INGRESS_HTTP, DIRECT_INGRESS_PORT, ROOT, setup_url
 
     [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")  # the config the benchmark deploys

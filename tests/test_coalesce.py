@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from deployments.api.http import relay_sse
 from deployments.api.trace import Trace
 from deployments.engine.coalesce import coalesced
-from tests.fakes import FakePool, fake_ingress
+from deployments.settings import SLOSettings
 
 
 async def _chunks(n: int, gap_s: float = 0.0, fail: bool = False, seen: list | None = None):
@@ -82,7 +83,6 @@ def test_closing_the_reader_cancels_the_source():
 def test_the_ingress_relays_joined_chunks_event_by_event():
     """An item holding several SSE events: every event reaches the client unchanged, the usage event gets the
     timing breakdown, each token event counts as a gap, [DONE] ends the request."""
-    ingress = fake_ingress(None, FakePool(["d1"]))
     usage = json.dumps({"id": "x", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}},
                        separators=(",", ":"))  # as vLLM writes it
     tokens = [f"data: {json.dumps({'id': 'x', 'choices': [{'text': t}]})}\n\n" for t in ("a", "b", "c")]
@@ -94,7 +94,7 @@ def test_the_ingress_relays_joined_chunks_event_by_event():
 
     async def go():
         trace = Trace(request_id="t", model="m")
-        return [c async for c in ingress._stream(tokens[0], rest(), trace, skip_first_gap=False)], trace
+        return [c async for c in relay_sse(tokens[0], rest(), trace, False, SLOSettings())], trace
 
     out, trace = asyncio.run(go())
     text = "".join(out)

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 
+from deployments.config import SettingsError, parse_settings
 from deployments.outcomes import Failure, Route, RouteReason
 from deployments.routing import ReplicaLoad
 from deployments.routing.elastic import ElasticLimits, choose_pair
 from deployments.routing.ledger import Ledger
-from deployments.settings import SettingsError, parse_settings
 from tests.fakes import DIE, KV_TIMEOUT, FakePool, fake_elastic_ingress
 from tests.test_request_path import FAST, LONG, SHORT, serve
 

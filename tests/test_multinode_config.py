@@ -9,8 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from cluster import multinode
+from deployments.config import load_serve_config
 from deployments.servers.base import NUM_SPARE_PORTS, side_channel_port
-from deployments.settings import load_serve_config
 from tests.conftest import ROOT
 
 

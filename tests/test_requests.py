@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.api import auth
-from deployments.api.ingress import public
+from deployments.api.http import public
 from deployments.api.requests import estimate_prompt_tokens, inspect, parse_json, prompt_text
 from deployments.kv import internal_fields_in, not_transferable, prefill_request
 from deployments.replies import ErrorReply
@@ -153,7 +153,7 @@ def test_api_key_middleware_refuses_before_the_app_and_streams_through_untouched
     from starlette.responses import StreamingResponse
     from starlette.testclient import TestClient
 
-    from deployments.api.ingress import RequireApiKey
+    from deployments.api.http import RequireApiKey
     from deployments.settings import API_KEY_ENV
 
     reached = []

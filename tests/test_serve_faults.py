@@ -25,7 +25,7 @@ import yaml
 from deployments.servers.base import ENGINE_CLASS_ENV
 from deployments.settings import RoutingSettings
 
-from .conftest import API_KEY, AUTH, PDSERVE, ROOT, Cluster, _combined_config, direct_ingress_bases
+from .conftest import API_KEY, AUTH, E2E_APPS, PDSERVE, ROOT, Cluster, _combined_config, direct_ingress_bases
 from .fake_engine import ITL_ENV, fake_words
 from .faults import (
     burst,
@@ -56,9 +56,12 @@ def _fake_config(tmp) -> str:
         args = app["args"]
         args["routing"] = dict(FAKE_ROUTING)
         args["engine"]["max_num_seqs"] = 4
-        for pool in ("prefill", "decode", "colocated"):
+        for pool in ("prefill", "decode", "colocated", "elastic"):
             if pool in args:
                 args[pool] |= HEALTH_CHECK | {"num_cpus": 0.1, "cpu_bind": [], "env": {ITL_ENV: "0.05"}}
+        for pool in ("prefill", "decode"):  # two replicas per pool: one to kill or freeze, one to go on
+            if pool in args:
+                args[pool]["num_replicas"] = 2
     path = tmp / "fake.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
@@ -66,7 +69,8 @@ def _fake_config(tmp) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The e2e cluster's applications (pd with two replicas per pool, colocated, direct ingress) on fake engines."""
+    """The e2e cluster's applications (pd, here with two replicas per pool; colocated; elastic; direct ingress) on
+    fake engines."""
     env = os.environ | {"PDSERVE_API_KEY": API_KEY, ENGINE_CLASS_ENV: "tests.fake_engine:FakeEngine",
                         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     up = subprocess.run([PDSERVE, "up", "--config", _fake_config(tmp_path_factory.mktemp("fake"))], env=env,
@@ -74,7 +78,8 @@ def cluster(tmp_path_factory):
     try:
         assert up.returncode == 0, f"pdserve up failed:\n{up.stdout[-2000:]}\n{up.stderr[-3000:]}"
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-        yield Cluster(base="http://127.0.0.1:8000", model="smollm2-135m-instruct", direct=direct_ingress_bases(2))
+        yield Cluster(base="http://127.0.0.1:8000", model="smollm2-135m-instruct",
+                      direct=direct_ingress_bases(len(E2E_APPS)))
     finally:
         try:
             ray.shutdown()

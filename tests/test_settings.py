@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from deployments.config import SettingsError, load_serve_config, parse_settings
 from deployments.engine.vllm_engine import EngineSpec
 from deployments.kv import KVTransferParams
-from deployments.settings import PDServeSettings, SettingsError, load_serve_config, parse_settings
+from deployments.settings import PDServeSettings
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 

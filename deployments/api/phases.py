@@ -1,7 +1,7 @@
 """The prefill and decode phases of one request: what one attempt does and how its result reads.
 
 Retries, replica choice and the breaker are ``attempts.run_attempts``'s; which fallback follows a failed
-phase is ``Ingress.serve_request``'s. Failure rules:
+phase is ``orchestrator.Orchestrator``'s. Failure rules:
 - prefill: a replica that died, answered 5xx or stayed silent past its deadline (derived from the prompt
   size and the pool's measured prefill speed) is a replica failure; a replica past the deadline that answers
   a direct probe with other requests in hand was queueing, which is not. Either way the next attempt goes to
@@ -195,14 +195,29 @@ class DecodeStream:
     replica: str | None = None  # the replica the ingress chose for it (booked in the ledger)
 
 
+@dataclass
+class DecodeStart:
+    """How the decode phase started: a stream, a hand-off the decode replica could not use (nothing ran), or the
+    client's error; and whether a pull of the hand-off failed inside vLLM, which then computed the prompt itself."""
+
+    outcome: DecodeStream | HandoffFailed | ErrorReply
+    pull_recomputed: bool = False
+
+
 class DecodePhase:
     def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
         self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, pool.ledger
         self.inflight = InFlight(model, "decode")
 
     async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
-                    trace: Trace) -> DecodeStream | HandoffFailed | ErrorReply:
+                    trace: Trace) -> DecodeStart:
         """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
+        start = DecodeStart(ErrorReply(503, "no decode attempt", "ServiceUnavailable"))
+        start.outcome = await self._start(req, handoff, route, trace, start)
+        return start
+
+    async def _start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest, trace: Trace,
+                     start: DecodeStart) -> DecodeStream | HandoffFailed | ErrorReply:
         local_req = decode_request(req.endpoint, req.body, None)
         next_req = local_req  # what the next attempt sends: the hand-off once at most, then the local prefill
         if handoff:
@@ -212,7 +227,7 @@ class DecodePhase:
         async def attempt(route: RouteRequest) -> AttemptResult:
             nonlocal next_req
             sent = next_req
-            result = await self._attempt(sent, route, trace)
+            result = await self._attempt(sent, route, trace, start)
             if sent.kv_transfer_params is not None and result.verdict is Verdict.RETRY:
                 # The attempt reached a replica, which may have pulled the KV: the prefill engine frees its blocks on
                 # the first completed pull, so a second pull could read freed or reused blocks. Prefill locally.
@@ -228,21 +243,21 @@ class DecodePhase:
         return ErrorReply(503, f"no decode replica could serve the request after {trace.attempts[Phase.DECODE]} "
                                f"attempt(s)", "ServiceUnavailable")
 
-    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
+    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace, start: DecodeStart) -> AttemptResult:
         """Booked in the ledger: a stream on its replica until ``relay`` ends, waiting until its first
         reply, and the prompt's tokens while the replica prefills them itself."""
         local_tokens = 0 if req.kv_transfer_params else route.num_prompt_tokens
         self.ledger.add(route.target, streams=1, waiting=1, prompt_tokens=local_tokens)
         result = None
         try:
-            result = await self._try(req, route, trace)
+            result = await self._try(req, route, trace, start)
             return result
         finally:
             self.ledger.add(route.target, waiting=-1, prompt_tokens=-local_tokens)
             if result is None or result.verdict is not Verdict.DONE:
                 self.ledger.add(route.target, streams=-1)
 
-    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult:
+    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace, start: DecodeStart) -> AttemptResult:
         stream = self.handle.generate.remote(req, route=route)
         replica = route.target  # until the replica's tag names it (None: Serve's router chose, unknown until then)
         try:
@@ -253,6 +268,7 @@ class DecodePhase:
                 logger.warning("%s: KV pull on %s failed inside vLLM; the prompt was recomputed (%d of %d tokens "
                                "not computed)", trace.request_id, route.target, first.num_cached_tokens,
                                first.num_prompt_tokens)
+                start.pull_recomputed = True
                 trace.fallbacks.append(Failure.KV_RECOMPUTED)
                 trace.prefill_locally(RouteReason.KV_RECOMPUTED)
                 first = await self._next(stream, replica, trace)

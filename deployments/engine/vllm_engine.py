@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,17 +29,14 @@ from ..kv.params import KVTransferParams
 from ..kv.protocol import PullDeadline
 from ..outcomes import Failure
 from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply, PullRecomputed
+from ..roles import ROLES, Role
 from ..settings import EngineSettings, KVConnectorSettings
 from .coalesce import coalesced
 from .structured import StructuredOutputGate
 
 logger = logging.getLogger("ray.serve.pdserve.engine")  # under Serve's logger: lands in the replica log
 
-Role = Literal["prefill", "decode", "colocated", "elastic"]
 Endpoint = Literal["chat", "completions"]
-# An elastic engine both hands off and pulls KV. vLLM logs kv_both as deprecated for NixlConnector (it wants one role
-# per engine); it is still what an engine that plays both roles must say.
-_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "elastic": "kv_both"}
 
 
 @dataclass
@@ -74,10 +72,11 @@ class EngineSpec:
         args.append("--enable-per-request-metrics")  # engine TTFT in non-streaming responses (timing breakdown)
         if self.num_gpus > 0:
             args += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
-        if self.role in _KV_ROLE:
+        if ROLES[self.role].kv_role is not None:
             kv = self.kv_connector
             args += ["--kv-transfer-config", json.dumps({
-                "kv_connector": kv.connector, "kv_role": _KV_ROLE[self.role], "kv_buffer_device": kv.kv_buffer_device,
+                "kv_connector": kv.connector, "kv_role": ROLES[self.role].kv_role,
+                "kv_buffer_device": kv.kv_buffer_device,
                 "engine_id": self.engine_id, "kv_load_failure_policy": kv.kv_load_failure_policy,
                 # vLLM's own handshake check hashes the model's *path*, which differs between nodes that hold the
                 # same model in different folders; pdserve checks kv_fingerprint (by content) before each pull.
@@ -106,6 +105,18 @@ class KVPullTimeout(RuntimeError):
     pass
 
 
+@dataclass
+class PullOutcome:
+    """What became of one request's KV pull, recorded for the request that ran it (``VLLMEngine.generate`` sets
+    one per request in ``PULL``; vLLM's serving layer calls the engine client within that request's context)."""
+
+    timed_out: bool = False  # no first output within the pull deadline: the generation was cancelled
+    recomputed: tuple[int, int] | None = None  # the pull failed inside vLLM: (prompt tokens, tokens not computed)
+
+
+PULL: ContextVar[PullOutcome | None] = ContextVar("pdserve_kv_pull", default=None)
+
+
 MEASURE_INTERVAL_S = 1.0
 
 
@@ -114,15 +125,13 @@ class _KVPullDeadline:
     prompt's KV from a prefill engine must produce its first output within its pull deadline (``PullDeadline``:
     from the bytes to move, the pull speed this engine measured, and whether it knows that prefill engine yet).
     vLLM has no deadline of its own there: a frozen prefill engine would hang the request. On timeout the
-    generation is cancelled (vLLM aborts the request) and its id is remembered so that the caller can tell this
-    error apart."""
+    generation is cancelled (vLLM aborts the request); the request's ``PullOutcome`` says so, or that the pull
+    failed inside vLLM and the prompt was recomputed."""
 
     def __init__(self, client, deadline: PullDeadline, kv_bytes_per_block: int, read_stats, block_size: int = 1):
         self._client, self._deadline, self._kv_bytes_per_block = client, deadline, kv_bytes_per_block
         self._block_size = block_size
-        self.recomputed: dict[str, tuple[int, int]] = {}  # request id -> (prompt tokens, tokens not computed)
         self._read_stats = read_stats  # () -> {"vllm:...": value}: this engine's own counters
-        self.timed_out: set[str] = set()
         self.known_engines: set[str] = set()  # prefill engines this engine pulled from (handshake done)
         self.bytes_per_s: float | None = None  # measured pull speed (NIXL's bytes / transfer time)
         self._seen = (0.0, 0.0)
@@ -140,29 +149,30 @@ class _KVPullDeadline:
         first_contact = handoff.remote_engine_id not in self.known_engines
         timeout_s = self._deadline.seconds(handoff.num_blocks * self._kv_bytes_per_block, self.bytes_per_s,
                                            first_contact)
-        return self._first_output_deadline(stream, request_id, timeout_s, handoff.remote_engine_id)
+        outcome = PULL.get() or PullOutcome()  # the request's own, set by VLLMEngine.generate
+        return self._first_output_deadline(stream, outcome, timeout_s, handoff.remote_engine_id)
 
-    async def _first_output_deadline(self, stream, request_id: str, timeout_s: float, remote_engine: str):
+    async def _first_output_deadline(self, stream, outcome: PullOutcome, timeout_s: float, remote_engine: str):
         try:
             first = await asyncio.wait_for(anext(stream), timeout_s)
         except TimeoutError:
-            self.timed_out.add(request_id)
+            outcome.timed_out = True
             raise KVPullTimeout(f"KV pull from the prefill engine timed out after {timeout_s:.1f} s") from None
-        if self._pull_delivered(first, request_id):
+        if self._pull_delivered(first, outcome):
             self.known_engines.add(remote_engine)
             self._measure()
         yield first
         async for output in stream:
             yield output
 
-    def _pull_delivered(self, first, request_id: str) -> bool:
+    def _pull_delivered(self, first, outcome: PullOutcome) -> bool:
         """Whether the KV arrived: vLLM counts pulled tokens as cached. A pull that failed inside vLLM (handshake
         or transfer error, ``kv_load_failure_policy: recompute``) leaves only local prefix-cache hits, so at least
         one full block of the prompt was computed here."""
         prompt, cached = len(getattr(first, "prompt_token_ids", None) or []), getattr(first, "num_cached_tokens", None)
         if not prompt or cached is None or cached >= prompt - self._block_size:
             return True
-        self.recomputed[request_id] = (prompt, cached)
+        outcome.recomputed = (prompt, cached)
         return False
 
     def _measure(self) -> None:
@@ -308,7 +318,8 @@ class VLLMEngine:
             # pull delivered the prompt (_KVPullDeadline._pull_delivered).
             request.kv_transfer_params = {k: v for k, v in req.kv_transfer_params.items()
                                           if k != "remote_prefill_cached_tokens"}
-        request.request_id = request_id = uuid.uuid4().hex
+        request.request_id = uuid.uuid4().hex
+        PULL.set(pull := PullOutcome())  # this request's context: the engine client records its pull here
         create = serving.create_chat_completion if req.endpoint == "chat" else serving.create_completion
         try:
             result = await create(request, raw_request=None)
@@ -322,37 +333,31 @@ class VLLMEngine:
             except Exception as exc:  # refused while starting the stream (vLLM validates lazily): nothing sent yet
                 result = serving.create_error_response(exc)
             else:
-                if self._pull_timed_out(request_id):
+                if pull.timed_out:
                     yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
                     return
-                if recomputed := self._pull_recomputed(request_id):
-                    yield recomputed
+                if pull.recomputed:
+                    yield PullRecomputed(*pull.recomputed)
                 yield first
                 async for chunks in coalesced(result):  # what piled up while the handle was busy goes as one
                     yield chunks
                 return
-        if self._pull_timed_out(request_id):
+        if pull.timed_out:
             yield HandoffFailed(Failure.KV_PULL_TIMEOUT)
             return
-        if recomputed := self._pull_recomputed(request_id):
-            yield recomputed
+        if pull.recomputed:
+            yield PullRecomputed(*pull.recomputed)
+        yield self._reply(result)
+
+    @staticmethod
+    def _reply(result) -> JsonReply | ErrorReply:
+        """A whole (non-streamed) answer of vLLM's serving layer: the response, or its error."""
         payload = result.model_dump(mode="json", exclude_none=False)
         if "error" in payload and "choices" not in payload:
             err = payload["error"]
-            yield ErrorReply(int(err.get("code") or 500), err.get("message", "engine error"),
-                             err.get("type") or "InternalServerError", err.get("param"))
-            return
-        yield JsonReply(payload)
-
-    def _pull_recomputed(self, request_id: str) -> PullRecomputed | None:
-        """vLLM runs our request under ids derived from ours (e.g. ``cmpl-<id>-0``)."""
-        hits = [r for r in self._client.recomputed if request_id in r]
-        return PullRecomputed(*self._client.recomputed.pop(hits[0])) if hits else None
-
-    def _pull_timed_out(self, request_id: str) -> bool:
-        hits = {r for r in self._client.timed_out if request_id in r}
-        self._client.timed_out -= hits
-        return bool(hits)
+            return ErrorReply(int(err.get("code") or 500), err.get("message", "engine error"),
+                              err.get("type") or "InternalServerError", err.get("param"))
+        return JsonReply(payload)
 
     def load(self) -> dict:
         """The engine's own queue and KV gauges, for routing, and the mean gap between the output tokens it streamed

@@ -13,10 +13,11 @@ from ray import serve
 
 from ..credentials import is_loopback
 from ..engine.nixl_plugin import DELAY_ENV
-from ..engine.vllm_engine import EngineSpec, Role, VLLMEngine
+from ..engine.vllm_engine import EngineSpec, VLLMEngine
 from ..metrics import metrics
 from ..models import resolve_model
 from ..replies import EngineStats
+from ..roles import ROLES, Role
 from ..settings import ENGINE_PRIVACY_ENV, PDServeSettings, PoolSettings
 
 logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: lands in the replica log
@@ -24,7 +25,6 @@ logger = logging.getLogger("ray.serve.pdserve.server")  # under Serve's logger: 
 
 # Tests only: "module:Class" of a stand-in for VLLMEngine (tests/fake_engine.py), read from the node's environment.
 ENGINE_CLASS_ENV = "PDSERVE_ENGINE_CLASS"
-DEFAULT_PORT_BASE = {"prefill": 5600, "decode": 5700, "colocated": 5800, "elastic": 5900}
 NUM_SPARE_PORTS = 32  # base+32 .. base+63: for a replica whose rank's port is still held
 
 
@@ -80,7 +80,7 @@ class EngineServer:
         # the pool's range; an operator's own VLLM_NIXL_SIDE_CHANNEL_HOST/PORT (node or pool env) win.
         env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", self.node))
         if "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env and "VLLM_NIXL_SIDE_CHANNEL_PORT" not in os.environ:
-            base = pool.nixl_side_channel_port_base or DEFAULT_PORT_BASE[role]
+            base = pool.nixl_side_channel_port_base or ROLES[role].port_base
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel_port(env["VLLM_NIXL_SIDE_CHANNEL_HOST"], base,
                                                                        local_rank))
         if is_loopback(self.node) and "UCX_NET_DEVICES" not in env and "UCX_NET_DEVICES" not in os.environ:

@@ -15,6 +15,7 @@ from ..kv import PhaseRequest, handoff_usable
 from ..metrics import metrics
 from ..outcomes import Failure
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PullRecomputed, ReplicaTag
+from ..roles import ROLES
 from ..routing import RouteRequest
 from .base import EngineServer, logger
 
@@ -44,4 +45,4 @@ class Decoder(EngineServer):
             yield item
 
 
-DecodeServer = serve.deployment(name="DecodeServer")(Decoder)
+DecodeServer = serve.deployment(name=ROLES["decode"].deployment)(Decoder)

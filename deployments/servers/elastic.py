@@ -9,6 +9,7 @@ from ray import serve
 
 from ..kv import PhaseRequest
 from ..replies import ReplicaTag
+from ..roles import ROLES
 from ..routing import RouteRequest
 from .decode import Decoder
 from .prefill import Prefiller
@@ -30,4 +31,4 @@ class Elastic(Prefiller, Decoder):
             self.num_outstanding_prompt_tokens -= num_tokens
 
 
-ElasticServer = serve.deployment(name="ElasticServer")(Elastic)
+ElasticServer = serve.deployment(name=ROLES["elastic"].deployment)(Elastic)

@@ -9,6 +9,7 @@ from ray import serve
 
 from ..kv import PhaseRequest
 from ..replies import ErrorReply, JsonReply, PrefillReply
+from ..roles import ROLES
 from ..routing import RouteRequest
 from .base import EngineServer, logger
 
@@ -49,4 +50,4 @@ class Prefiller(EngineServer):
         )
 
 
-PrefillServer = serve.deployment(name="PrefillServer")(Prefiller)
+PrefillServer = serve.deployment(name=ROLES["prefill"].deployment)(Prefiller)
