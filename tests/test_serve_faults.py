@@ -82,8 +82,12 @@ def cluster(tmp_path_factory):
                       direct=direct_ingress_bases(len(E2E_APPS)))
     finally:
         try:
-            ray.shutdown()
+            if ray.is_initialized():  # this process's Serve client, handles and routers point at this cluster:
+                from ray import serve  # none may outlive it (the real cluster's tests would reach dead actors)
+
+                serve.shutdown()
         finally:
+            ray.shutdown()
             subprocess.run([PDSERVE, "down"], env=env, timeout=300)
 
 
