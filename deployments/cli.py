@@ -299,6 +299,7 @@ def cmd_down(args) -> int:
     try:
         _connect(False, 0)
         from ray import serve
+        from ray.serve.exceptions import RayServeException
 
         for name in state.get("apps", []):
             try:
@@ -306,6 +307,9 @@ def cmd_down(args) -> int:
                 _say(f"deleted application '{name}'")
             except TimeoutError as exc:  # a replica slow to stop: the head going down below stops it too
                 _say(f"application '{name}' not deleted yet: {exc}")
+            except RayServeException:  # Serve itself was shut down already (`serve shutdown`): nothing to delete
+                _say(f"application '{name}': Serve is not running")
+                break
     except ConnectionError:
         pass
     if state.get("started_head"):

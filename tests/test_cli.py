@@ -29,3 +29,25 @@ def test_down_goes_on_past_an_application_slow_to_delete(tmp_path, monkeypatch, 
     assert deleted == ["fine"] and "application 'stuck' not deleted yet" in out
     assert any(cmd[1:3] == ["stop", "--force"] for cmd in commands) and "stopped the local Ray head" in out
     assert not cli._state_file().exists()
+
+
+def test_down_stops_the_head_after_serve_was_shut_down(tmp_path, monkeypatch, capsys):
+    """Serve already shut down (`serve shutdown`, or a test's own cleanup): deleting the applications fails as
+    Serve's client finds no controller; `down` still stops the head it started."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    cli._state_file().write_text(json.dumps({"started_head": True, "apps": ["pdserve", "colocated"]}))
+    commands = []
+
+    def fake_delete(name):  # fake of serve.delete with no Serve controller on the cluster
+        raise RayServeException("There is no Serve instance running on this Ray cluster.")
+
+    monkeypatch.setattr(cli, "_connect", lambda *a, **k: False)
+    monkeypatch.setattr(serve, "delete", fake_delete)
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **k: commands.append(cmd))
+    assert cli.main(["down"]) == 0
+    out = capsys.readouterr().out
+    assert "Serve is not running" in out and "stopped the local Ray head" in out
+    assert any(cmd[1:3] == ["stop", "--force"] for cmd in commands) and not cli._state_file().exists()
