@@ -25,6 +25,7 @@ class FakeParams:
 class FakeRequest:
     def __init__(self, params):
         self.params = params
+        self.structured_outputs = params.structured_outputs  # as vLLM's request models carry it
 
     def to_sampling_params(self, max_tokens, defaults):
         return self.params

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..kv import internal_fields_in, not_transferable
+from ..kv import STRUCTURED_OUTPUT_FIELDS, internal_fields_in, not_transferable
 from ..replies import ErrorReply
 from ..routing.policies import prefix_key
 from ..settings import LimitSettings
@@ -101,8 +101,6 @@ def _shape_error(doc, limits: LimitSettings) -> ErrorReply | None:
 _INT_FIELDS = {"n": "max_n", "best_of": "max_n", "logprobs": "max_logprobs", "top_logprobs": "max_logprobs",
                "prompt_logprobs": "max_logprobs", "max_tokens": "ctx", "max_completion_tokens": "ctx",
                "min_tokens": "ctx"}
-_STRUCTURED_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex",
-                      "guided_grammar", "guided_choice", "structural_tag")
 
 
 def _int_field_error(endpoint: Endpoint, body: dict, limits: LimitSettings, max_model_len: int) -> ErrorReply | None:
@@ -123,7 +121,7 @@ def _int_field_error(endpoint: Endpoint, body: dict, limits: LimitSettings, max_
 
 def _structured_output_error(body: dict, limits: LimitSettings) -> ErrorReply | None:
     """Structured-output specs are compiled into grammars by the engine: their size bounds that work."""
-    for name in _STRUCTURED_FIELDS:
+    for name in STRUCTURED_OUTPUT_FIELDS:
         value = body.get(name)
         if value is None:
             continue

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
+from ..kv import STRUCTURED_OUTPUT_FIELDS
 from ..replies import ErrorReply
 
 logger = logging.getLogger("ray.serve.pdserve.engine")
@@ -64,6 +65,8 @@ class StructuredOutputGate:
 
     async def precheck(self, request, serving) -> ErrorReply | None:
         """Compile the request's spec, if it has one not compiled before; an ErrorReply (400) if it fails."""
+        if not any(getattr(request, name, None) for name in STRUCTURED_OUTPUT_FIELDS):
+            return None  # most requests: no sampling parameters built here for nothing
         try:
             params = request.to_sampling_params(1, getattr(serving, "default_sampling_params", None) or {})
         except Exception:  # not ours to judge: vLLM's own path answers it

@@ -1,6 +1,7 @@
 from .params import KVTransferParams
 from .protocol import (
     INTERNAL_FIELDS,
+    STRUCTURED_OUTPUT_FIELDS,
     PhaseRequest,
     decode_request,
     handoff_usable,
@@ -9,6 +10,7 @@ from .protocol import (
     prefill_request,
 )
 
-__all__ = ["INTERNAL_FIELDS", "KVTransferParams", "PhaseRequest", "decode_request", "handoff_usable",
+__all__ = ["INTERNAL_FIELDS", "STRUCTURED_OUTPUT_FIELDS", "KVTransferParams", "PhaseRequest", "decode_request",
+           "handoff_usable",
            "internal_fields_in",
            "not_transferable", "prefill_request"]

@@ -20,6 +20,9 @@ import copy
 from dataclasses import dataclass
 
 INTERNAL_FIELDS = frozenset({"kv_transfer_params", "ec_transfer_params"})
+# The request fields that ask for structured output (a spec the engine compiles into a grammar).
+STRUCTURED_OUTPUT_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex",
+                            "guided_grammar", "guided_choice", "structural_tag")
 
 # Output-side fields a prefill-only run must not inherit (e.g. min_tokens > max_tokens=1 is refused by vLLM).
 _PREFILL_DROPS = frozenset({
