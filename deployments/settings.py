@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .kv.protocol import PullDeadline
+from .kv.handoff import PullDeadline
 from .roles import ROLES
 
 DEFAULT_MODEL = "default"

@@ -171,10 +171,10 @@ class FakeDecodeHandle:
             return
         if behaviour == KV_RECOMPUTED and req.kv_transfer_params is not None:  # vLLM's recompute policy
             yield PullRecomputed(num_prompt_tokens=500, num_cached_tokens=0)
-        if req.kv_expires_at is not None and time.time() >= req.kv_expires_at:
+        if req.handoff is not None and time.time() >= req.handoff.expires_at:
             yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
             return
-        if req.kv_transfer_params is not None and req.kv_fingerprint != FAKE_KV_FINGERPRINT:  # as DecodeServer
+        if req.handoff is not None and not req.handoff.compatible_with(FAKE_KV_FINGERPRINT):  # as DecodeServer
             yield HandoffFailed(Failure.KV_INCOMPATIBLE)
             return
         if not req.body.get("stream"):

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import ray
 
-from deployments.kv import decode_request, prefill_request
+from deployments.kv import Handoff, decode_request, prefill_request
 from deployments.outcomes import Failure
 from deployments.replies import HandoffFailed
 
@@ -125,7 +125,8 @@ def test_failed_kv_pull_is_bounded_and_falls_back(cluster, silent_side_channel, 
     handle = serve.get_deployment_handle("DecodeServer", "pdserve").options(stream=True)
     t0 = time.monotonic()
     fingerprint = cluster.stats("DecodeServer").kv_fingerprint  # a hand-off from an engine like the decode ones
-    items = list(handle.generate.remote(decode_request("completions", body, params, time.time() + 30, fingerprint)))
+    ghost = Handoff.parse(params, "ghost", time.time() + 30, fingerprint)
+    items = list(handle.generate.remote(decode_request("completions", body, ghost)))
     elapsed = time.monotonic() - t0
     reply = items[1]
     assert elapsed < 8 + 10, elapsed
@@ -154,9 +155,10 @@ def test_kv_pull_from_a_frozen_prefill_engine_hits_the_deadline(cluster):
 
     def pd(handoff_body=None):
         b = handoff_body or body()
-        handoff = prefill.prefill.remote(prefill_request("completions", b), route=to_p).result()
-        return b, decode_request("completions", b, handoff.kv_transfer_params, handoff.kv_expires_at,
-                                  handoff.kv_fingerprint)
+        reply = prefill.prefill.remote(prefill_request("completions", b), route=to_p).result()
+        handoff = Handoff.parse(reply.kv_transfer_params, reply.prefill_replica, reply.kv_expires_at,
+                                reply.kv_fingerprint)
+        return b, decode_request("completions", b, handoff)
 
     _, warm = pd()  # decode handshakes with prefill
     assert type(list(decode.generate.remote(warm, route=to_d))[1]).__name__ == "JsonReply"

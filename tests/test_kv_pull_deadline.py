@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
 
 from deployments.config import parse_settings
 from deployments.engine.vllm_engine import PULL, KVPullTimeout, PullOutcome, _KVPullDeadline
-from deployments.kv.protocol import PullDeadline
+from deployments.kv import Handoff, PullDeadline, decode_request
 
 GB = 1e9
 
@@ -44,10 +45,14 @@ class FakeEngineClient:
         return self._gen()
 
 
-def _pull(engine: str, num_blocks: int) -> SimpleNamespace:
-    params = {"do_remote_prefill": True, "remote_engine_id": engine, "remote_request_id": "r",
-              "remote_block_ids": list(range(num_blocks)), "remote_host": "10.0.0.2", "remote_port": 5600}
-    return SimpleNamespace(extra_args={"kv_transfer_params": params})
+def _pull(engine: str, num_blocks: int) -> PullOutcome:
+    """A request's context as VLLMEngine.generate sets it for a decode request with this hand-off."""
+    raw = {"do_remote_prefill": True, "remote_engine_id": engine, "remote_request_id": "r",
+           "remote_block_ids": list(range(num_blocks)), "remote_host": "10.0.0.2", "remote_port": 5600}
+    return PullOutcome(handoff=Handoff.parse(raw, "p1", expires_at=time.time() + 60, fingerprint="fp"))
+
+
+SAMPLING = SimpleNamespace(extra_args=None)  # the hand-off reaches the client through the request's PullOutcome
 
 
 async def _collect(agen) -> list:
@@ -67,12 +72,13 @@ def test_wrapper_gives_a_first_pull_its_handshake_allowance_then_measures_the_li
                              read_stats=lambda: stats)
     # First pull from engine P1: 0.05 s + the handshake allowance covers the 0.2 s first output.
     stats.update({"vllm:nixl_bytes_transferred_sum": 4e6, "vllm:nixl_xfer_time_seconds_sum": 0.002})
-    assert asyncio.run(_collect(client.generate("p", _pull("P1", 4), "req-1"))) == ["first", "second"]
+    assert asyncio.run(_in_request(_pull("P1", 4), lambda: client.generate("p", SAMPLING, "req-1"))) == [
+        "first", "second"]
     assert client.known_engines == {"P1"} and client.bytes_per_s == pytest.approx(2e9)
     # P1 is known now: no allowance, and 0.05 s is too short for the same 0.2 s.
-    outcome = PullOutcome()
+    outcome = _pull("P1", 4)
     with pytest.raises(KVPullTimeout):
-        asyncio.run(_in_request(outcome, lambda: client.generate("p", _pull("P1", 4), "req-2")))
+        asyncio.run(_in_request(outcome, lambda: client.generate("p", SAMPLING, "req-2")))
     assert outcome.timed_out and outcome.recomputed is None
 
 
@@ -95,25 +101,25 @@ class FakeRecomputingClient(FakeEngineClient):
 @pytest.mark.parametrize("cached, delivered", [(1000, True), (999, True), (968, True), (64, False), (0, False)])
 def test_a_pull_that_left_the_prompt_to_compute_is_reported_as_recomputed(cached, delivered):
     client = _KVPullDeadline(FakeRecomputingClient(cached), PullDeadline(), 1000, dict, block_size=32)
-    outcome, other = PullOutcome(), PullOutcome()
-    asyncio.run(_in_request(outcome, lambda: client.generate("p", _pull("P1", 32), "cmpl-req-0")))
+    outcome, other = _pull("P1", 32), _pull("P1", 32)
+    asyncio.run(_in_request(outcome, lambda: client.generate("p", SAMPLING, "cmpl-req-0")))
     assert (outcome.recomputed is None) is delivered
     assert ("P1" in client.known_engines) is delivered  # only a delivered pull proves the handshake
     if not delivered:
         assert outcome.recomputed == (1000, cached)
-    assert other == PullOutcome() and not outcome.timed_out  # recorded for the request that ran it only
+    assert (other.recomputed, other.timed_out) == (None, False) and not outcome.timed_out  # this request only
 
 
 def test_the_decode_hand_off_drops_the_prefill_sides_cached_token_count():
-    from deployments.kv import KVTransferParams
-
-    params = KVTransferParams.model_validate({
+    handoff = Handoff.parse({
         "do_remote_prefill": True, "remote_engine_id": "e", "remote_request_id": "r", "remote_block_ids": [1],
-        "remote_host": "h", "remote_port": 5600, "remote_prefill_cached_tokens": 512})
-    assert "remote_prefill_cached_tokens" not in params.for_decode()
+        "remote_host": "h", "remote_port": 5600, "remote_prefill_cached_tokens": 512}, "p1", 0.0, "fp")
+    assert "remote_prefill_cached_tokens" not in handoff.for_engine()
+    assert decode_request("completions", {}, handoff).kv_transfer_params == handoff.for_engine()
 
 
 def test_requests_without_a_handoff_are_not_wrapped():
     client = _KVPullDeadline(FakeEngineClient(delay_s=0), PullDeadline(cap_s=0.001), 1000, dict)
-    plain = SimpleNamespace(extra_args=None)
-    assert asyncio.run(_collect(client.generate("p", plain, "req"))) == ["first", "second"]
+    assert asyncio.run(_collect(client.generate("p", SAMPLING, "req"))) == ["first", "second"]
+    assert asyncio.run(_in_request(PullOutcome(), lambda: client.generate("p", SAMPLING, "req"))) == [
+        "first", "second"]

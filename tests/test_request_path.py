@@ -80,7 +80,7 @@ def test_long_prompt_is_disaggregated_and_the_client_body_is_not_changed():
     assert prefill_req.body["max_tokens"] == 1 and prefill_req.kv_transfer_params["do_remote_decode"]
     assert not {"min_tokens", "logprobs", "stream", "stream_options"} & set(prefill_req.body)
     assert decode_req.body == before and decode_req.kv_transfer_params["remote_engine_id"] == "e-p1"
-    assert decode_req.kv_expires_at is not None
+    assert decode_req.handoff.expires_at is not None and decode_req.handoff.prefill_replica == "p1"
     assert replies[-1] == "data: [DONE]\n\n"
     assert (trace.prefill_node, trace.decode_node) == (FAKE_PREFILL_NODE, FAKE_DECODE_NODE)
     h = trace.headers()
@@ -459,11 +459,14 @@ def test_handoff_past_its_lease_is_not_used():
 
 
 def test_handoff_usable_only_while_a_pull_can_finish_inside_the_lease():
-    from deployments.kv import handoff_usable
+    from deployments.kv import Handoff
 
-    assert handoff_usable(kv_expires_at=100.0, now=80.0, kv_pull_timeout_s=10)
-    assert not handoff_usable(kv_expires_at=100.0, now=90.0, kv_pull_timeout_s=10)
-    assert handoff_usable(kv_expires_at=None, now=1e12, kv_pull_timeout_s=10)
+    raw = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_request_id": "r", "remote_block_ids": [1],
+           "remote_host": "h", "remote_port": 5600}
+    handoff = Handoff.parse(raw, "p1", expires_at=100.0, fingerprint="fp")
+    assert handoff.usable(now=80.0, kv_pull_timeout_s=10)
+    assert not handoff.usable(now=90.0, kv_pull_timeout_s=10)
+    assert handoff.compatible_with("fp") and not handoff.compatible_with("fp-other")
 
 
 def test_decode_overloaded_raises_for_429():

@@ -6,7 +6,7 @@ import pytest
 
 from deployments.config import SettingsError, load_serve_config, parse_settings
 from deployments.engine.vllm_engine import EngineSpec
-from deployments.kv import KVTransferParams
+from deployments.kv import Handoff, KVTransferParams
 from deployments.settings import PDServeSettings
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -101,8 +101,9 @@ HANDOFF = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_i
 def test_kv_params_parse_and_round_trip():
     p = KVTransferParams.model_validate(HANDOFF)
     assert p.num_blocks == 2
-    assert p.for_decode()["transfer_mode"] == "pull"  # connector-specific keys pass through
-    assert p.for_decode()["remote_port"] == 5600
+    engine_side = Handoff(p, "p1", expires_at=0.0, fingerprint="").for_engine()
+    assert engine_side["transfer_mode"] == "pull"  # connector-specific keys pass through
+    assert engine_side["remote_port"] == 5600
 
 
 @pytest.mark.parametrize("broken", [{"remote_port": 0}, {"remote_host": None}, {"remote_engine_id": None}])

@@ -5,7 +5,7 @@ module decides what follows and whom to blame. The trace only records. ``Ingress
 deployment that wires it to HTTP; ``tests/test_request_path.py`` runs it over fake pools in milliseconds.
 
 Outcomes it reads:
-- a prefill phase ends in a hand-off (``PrefillReply``), a reason to prefill on the decode replica instead
+- a prefill phase ends in a hand-off (``kv.Handoff``), a reason to prefill on the decode replica instead
   (``RouteReason``), or the client's own error (``ErrorReply``: the engine refused the prompt itself);
 - a decode start (``DecodeStart``) ends in a stream (``DecodeStream``), a hand-off the decode replica could not use
   (``HandoffFailed``, nothing ran), or an error for the client, and says whether vLLM recomputed a failed pull.
@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..kv import Handoff
 from ..outcomes import Failure, Route, RouteReason
-from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply
+from ..replies import ErrorReply, HandoffFailed, JsonReply
 from ..roles import deployments_of
 from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill
 from ..routing.elastic import ElasticLimits, choose_pair
@@ -103,7 +104,7 @@ class Orchestrator:
                 async for item in relay:
                     yield item
 
-    async def _start_decode(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
+    async def _start_decode(self, req: ClientRequest, handoff: Handoff | None, route: RouteRequest,
                             trace: Trace) -> DecodeStream | ErrorReply:
         """The decode phase until its first reply; a hand-off it could not use is followed by a local prefill. The
         prefill replica is blamed where the hand-off failed for its sake (frozen, cut off, another KV layout)."""

@@ -23,14 +23,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 
-from ..kv import KVTransferParams, PhaseRequest, decode_request, prefill_request
+from ..kv import Handoff, PhaseRequest, decode_request, prefill_request
 from ..metrics import metrics
 from ..outcomes import Failure, Phase, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
@@ -110,7 +110,7 @@ class PrefillPhase:
             self.tokens_per_s = 0.8 * self.tokens_per_s + 0.2 * (reply.num_prompt_tokens / took_s)
 
     async def run(self, req: ClientRequest, route: RouteRequest,
-                  trace: Trace) -> PrefillReply | RouteReason | ErrorReply:
+                  trace: Trace) -> Handoff | RouteReason | ErrorReply:
         """The KV hand-off (its params parsed, ready for the decode engine), why the decode replica must prefill
         locally instead, or the client's error when the engine refused the prompt itself (e.g. longer than the
         model takes: no decode engine tokenizes it again)."""
@@ -126,7 +126,7 @@ class PrefillPhase:
             return RouteReason.PREFILL_REFUSED
         return RouteReason.PREFILL_FAILED
 
-    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[PrefillReply]:
+    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[Handoff]:
         """Booked in the ledger: the prompt's tokens while the replica prefills them."""
         self.ledger.add(route.target, prompt_tokens=route.num_prompt_tokens)
         try:
@@ -134,7 +134,7 @@ class PrefillPhase:
         finally:
             self.ledger.add(route.target, prompt_tokens=-route.num_prompt_tokens)
 
-    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[PrefillReply]:
+    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace) -> AttemptResult[Handoff]:
         timeout_s = min(self.deadline_s(route), trace.remaining_s())
         response = self.handle.prefill.remote(req, route=route)
         try:
@@ -162,7 +162,8 @@ class PrefillPhase:
                            reply.message)
             return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True)
         try:  # the hand-off is parsed here, once: a malformed one fails here, not in the decode engine
-            params = KVTransferParams.model_validate(reply.kv_transfer_params)
+            handoff = Handoff.parse(reply.kv_transfer_params, reply.prefill_replica, reply.kv_expires_at,
+                                    reply.kv_fingerprint)
         except ValidationError as exc:
             logger.warning("%s: prefill on %s returned a malformed hand-off: %s", trace.request_id, route.target, exc)
             return AttemptResult(Verdict.RETRY, failure=Failure.PREFILL_ERROR, replica_at_fault=True,
@@ -172,10 +173,9 @@ class PrefillPhase:
         trace.kv_bytes = reply.kv_bytes
         trace.prefill_started_at, trace.prefill_finished_at = reply.started_at, reply.finished_at
         trace.prefill_received_at = time.time()
-        handoff = replace(reply, kv_transfer_params=params.for_decode())
         return AttemptResult(Verdict.DONE, value=handoff, replica=reply.prefill_replica)
 
-    async def _timed_out(self, route: RouteRequest, trace: Trace, timeout_s: float) -> AttemptResult[PrefillReply]:
+    async def _timed_out(self, route: RouteRequest, trace: Trace, timeout_s: float) -> AttemptResult[Handoff]:
         if trace.remaining_s() <= 0:
             return AttemptResult(Verdict.STOP, failure=Failure.DEADLINE_EXCEEDED)
         held = await self.pool.probe(route.target, self.settings.replica_probe_timeout_s) if route.target else None
@@ -204,31 +204,36 @@ class DecodeStart:
     pull_recomputed: bool = False
 
 
+@dataclass
+class _PullSeen:
+    """Set by the attempt whose replica reported that vLLM recomputed the prompt after a failed pull."""
+
+    recomputed: bool = False
+
+
 class DecodePhase:
     def __init__(self, handle: Any, pool: Pool, settings: RoutingSettings, model: str):
         self.handle, self.pool, self.settings, self.ledger = handle, pool, settings, pool.ledger
         self.inflight = InFlight(model, "decode")
 
-    async def start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest,
+    async def start(self, req: ClientRequest, handoff: Handoff | None, route: RouteRequest,
                     trace: Trace) -> DecodeStart:
         """Until the first reply: a stream, a hand-off the replica could not use, or the error for the client."""
-        start = DecodeStart(ErrorReply(503, "no decode attempt", "ServiceUnavailable"))
-        start.outcome = await self._start(req, handoff, route, trace, start)
-        return start
+        pull = _PullSeen()
+        outcome = await self._start(req, handoff, route, trace, pull)
+        return DecodeStart(outcome, pull.recomputed)
 
-    async def _start(self, req: ClientRequest, handoff: PrefillReply | None, route: RouteRequest, trace: Trace,
-                     start: DecodeStart) -> DecodeStream | HandoffFailed | ErrorReply:
-        local_req = decode_request(req.endpoint, req.body, None)
-        next_req = local_req  # what the next attempt sends: the hand-off once at most, then the local prefill
-        if handoff:
-            next_req = decode_request(req.endpoint, req.body, handoff.kv_transfer_params, handoff.kv_expires_at,
-                                      handoff.kv_fingerprint)
+    async def _start(self, req: ClientRequest, handoff: Handoff | None, route: RouteRequest, trace: Trace,
+                     pull: _PullSeen) -> DecodeStream | HandoffFailed | ErrorReply:
+        local_req = decode_request(req.endpoint, req.body)
+        # What the next attempt sends: the hand-off once at most, then the local prefill.
+        next_req = decode_request(req.endpoint, req.body, handoff) if handoff else local_req
 
         async def attempt(route: RouteRequest) -> AttemptResult:
             nonlocal next_req
             sent = next_req
-            result = await self._attempt(sent, route, trace, start)
-            if sent.kv_transfer_params is not None and result.verdict is Verdict.RETRY:
+            result = await self._attempt(sent, route, trace, pull)
+            if sent.handoff is not None and result.verdict is Verdict.RETRY:
                 # The attempt reached a replica, which may have pulled the KV: the prefill engine frees its blocks on
                 # the first completed pull, so a second pull could read freed or reused blocks. Prefill locally.
                 next_req = local_req
@@ -243,21 +248,21 @@ class DecodePhase:
         return ErrorReply(503, f"no decode replica could serve the request after {trace.attempts[Phase.DECODE]} "
                                f"attempt(s)", "ServiceUnavailable")
 
-    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace, start: DecodeStart) -> AttemptResult:
+    async def _attempt(self, req: PhaseRequest, route: RouteRequest, trace: Trace, pull: _PullSeen) -> AttemptResult:
         """Booked in the ledger: a stream on its replica until ``relay`` ends, waiting until its first
         reply, and the prompt's tokens while the replica prefills them itself."""
-        local_tokens = 0 if req.kv_transfer_params else route.num_prompt_tokens
+        local_tokens = 0 if req.handoff else route.num_prompt_tokens
         self.ledger.add(route.target, streams=1, waiting=1, prompt_tokens=local_tokens)
         result = None
         try:
-            result = await self._try(req, route, trace, start)
+            result = await self._try(req, route, trace, pull)
             return result
         finally:
             self.ledger.add(route.target, waiting=-1, prompt_tokens=-local_tokens)
             if result is None or result.verdict is not Verdict.DONE:
                 self.ledger.add(route.target, streams=-1)
 
-    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace, start: DecodeStart) -> AttemptResult:
+    async def _try(self, req: PhaseRequest, route: RouteRequest, trace: Trace, pull: _PullSeen) -> AttemptResult:
         stream = self.handle.generate.remote(req, route=route)
         replica = route.target  # until the replica's tag names it (None: Serve's router chose, unknown until then)
         try:
@@ -268,7 +273,7 @@ class DecodePhase:
                 logger.warning("%s: KV pull on %s failed inside vLLM; the prompt was recomputed (%d of %d tokens "
                                "not computed)", trace.request_id, route.target, first.num_cached_tokens,
                                first.num_prompt_tokens)
-                start.pull_recomputed = True
+                pull.recomputed = True
                 trace.fallbacks.append(Failure.KV_RECOMPUTED)
                 trace.prefill_locally(RouteReason.KV_RECOMPUTED)
                 first = await self._next(stream, replica, trace)

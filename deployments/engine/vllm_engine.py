@@ -24,9 +24,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from ..kv import PhaseRequest, internal_fields_in
-from ..kv.params import KVTransferParams
-from ..kv.protocol import PullDeadline
+from ..kv import Handoff, PhaseRequest, PullDeadline, internal_fields_in
 from ..outcomes import Failure
 from ..replies import EngineStats, ErrorReply, HandoffFailed, JsonReply, PullRecomputed
 from ..roles import ROLES, Role
@@ -110,6 +108,7 @@ class PullOutcome:
     """What became of one request's KV pull, recorded for the request that ran it (``VLLMEngine.generate`` sets
     one per request in ``PULL``; vLLM's serving layer calls the engine client within that request's context)."""
 
+    handoff: Handoff | None = None  # the request's hand-off: the KV to pull (None: nothing to pull)
     timed_out: bool = False  # no first output within the pull deadline: the generation was cancelled
     recomputed: tuple[int, int] | None = None  # the pull failed inside vLLM: (prompt tokens, tokens not computed)
 
@@ -142,14 +141,12 @@ class _KVPullDeadline:
 
     def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         stream = self._client.generate(prompt, sampling_params, request_id, *args, **kwargs)
-        params = (getattr(sampling_params, "extra_args", None) or {}).get("kv_transfer_params") or {}
-        if not params.get("do_remote_prefill"):
+        outcome = PULL.get()  # the request's own, set by VLLMEngine.generate
+        if outcome is None or outcome.handoff is None:
             return stream
-        handoff = KVTransferParams.model_validate(params)
-        first_contact = handoff.remote_engine_id not in self.known_engines
-        timeout_s = self._deadline.seconds(handoff.num_blocks * self._kv_bytes_per_block, self.bytes_per_s,
-                                           first_contact)
-        outcome = PULL.get() or PullOutcome()  # the request's own, set by VLLMEngine.generate
+        handoff = outcome.handoff
+        timeout_s = handoff.pull_timeout_s(self._deadline, self._kv_bytes_per_block, self.bytes_per_s,
+                                           self.known_engines)
         return self._first_output_deadline(stream, outcome, timeout_s, handoff.remote_engine_id)
 
     async def _first_output_deadline(self, stream, outcome: PullOutcome, timeout_s: float, remote_engine: str):
@@ -313,13 +310,10 @@ class VLLMEngine:
         if refused := await self._structured.precheck(request, serving):
             yield refused
             return
-        if req.kv_transfer_params is not None:
-            # Without the prefill side's cached-token count vLLM reports this engine's own, which tells whether the
-            # pull delivered the prompt (_KVPullDeadline._pull_delivered).
-            request.kv_transfer_params = {k: v for k, v in req.kv_transfer_params.items()
-                                          if k != "remote_prefill_cached_tokens"}
+        if req.kv_transfer_params is not None:  # produce KV for a decode engine, or pull it (the hand-off)
+            request.kv_transfer_params = req.kv_transfer_params
         request.request_id = uuid.uuid4().hex
-        PULL.set(pull := PullOutcome())  # this request's context: the engine client records its pull here
+        PULL.set(pull := PullOutcome(handoff=req.handoff))  # this request's context: the engine client records here
         create = serving.create_chat_completion if req.endpoint == "chat" else serving.create_completion
         try:
             result = await create(request, raw_request=None)

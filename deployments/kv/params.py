@@ -1,8 +1,7 @@
 """Typed ``kv_transfer_params``: what a prefill engine hands to a decode engine.
 
 vLLM's NixlConnector returns these from a prefill request made with ``do_remote_decode``; the decode engine
-needs them back unchanged to pull the KV blocks. pdserve parses them at the edge (right after prefill) so
-a malformed hand-off fails there, with a clear message, instead of inside the decode engine.
+needs them back unchanged to pull the KV blocks. ``handoff.Handoff`` carries them, parsed once on the ingress.
 """
 
 from __future__ import annotations
@@ -30,9 +29,3 @@ class KVTransferParams(BaseModel):
     def num_blocks(self) -> int:
         ids = self.remote_block_ids
         return sum(len(g) for g in ids) if ids and isinstance(ids[0], list) else len(ids)
-
-    def for_decode(self) -> dict:
-        """The hand-off as the decode engine gets it, less ``remote_prefill_cached_tokens`` (the prefill engine's
-        prefix cache hits): with it vLLM reports those as the decode request's cached tokens, which would hide
-        whether the pull delivered the prompt (``_KVPullDeadline`` reads the decode engine's own count)."""
-        return self.model_dump(exclude_none=False, exclude={"remote_prefill_cached_tokens"})

@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from .handoff import Handoff
+
 INTERNAL_FIELDS = frozenset({"kv_transfer_params", "ec_transfer_params"})
 # The request fields that ask for structured output (a spec the engine compiles into a grammar).
 STRUCTURED_OUTPUT_FIELDS = ("structured_outputs", "response_format", "tools", "guided_json", "guided_regex",
@@ -68,53 +70,34 @@ def not_transferable(endpoint: str, body: dict) -> str | None:
     return None
 
 
-def prefill_request_params() -> dict:
-    """``kv_transfer_params`` of a prefill request: produce KV for a remote decode engine."""
-    return {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None, "remote_block_ids": None}
+# ``kv_transfer_params`` of a prefill request: produce KV for a remote decode engine.
+_PRODUCE_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+               "remote_block_ids": None}
 
 
 @dataclass(frozen=True)
 class PhaseRequest:
-    """What one engine runs: the endpoint, a request body of its own, and the hand-off pdserve attaches."""
+    """What one engine runs: the endpoint, a request body of its own, and what pdserve attaches: an order to
+    produce the prompt's KV for a remote decode engine (prefill), or the hand-off to pull it from (decode)."""
 
     endpoint: str
     body: dict
-    kv_transfer_params: dict | None = None
-    kv_expires_at: float | None = None  # decode: wall clock after which the prefill side may reuse the KV blocks
-    kv_fingerprint: str | None = None  # decode: the prefill engine's KV compatibility fingerprint
+    produce_kv: bool = False
+    handoff: Handoff | None = None
+
+    @property
+    def kv_transfer_params(self) -> dict | None:
+        """What the engine gives vLLM's KV connector for this request (None: nothing moves)."""
+        if self.produce_kv:
+            return dict(_PRODUCE_KV)
+        return self.handoff.for_engine() if self.handoff else None
 
 
 def prefill_request(endpoint: str, body: dict) -> PhaseRequest:
     shaped = {k: copy.deepcopy(v) for k, v in body.items() if k not in _PREFILL_DROPS}
     shaped["max_tokens"] = 1
-    return PhaseRequest(endpoint, shaped, prefill_request_params())
+    return PhaseRequest(endpoint, shaped, produce_kv=True)
 
 
-def decode_request(endpoint: str, body: dict, kv_transfer_params: dict | None,
-                   kv_expires_at: float | None = None, kv_fingerprint: str | None = None) -> PhaseRequest:
-    return PhaseRequest(endpoint, copy.deepcopy(body), kv_transfer_params, kv_expires_at=kv_expires_at,
-                        kv_fingerprint=kv_fingerprint)
-
-
-@dataclass(frozen=True)
-class PullDeadline:
-    """How long a decode engine may take to pull a prompt's KV and produce its first token: a fixed part (its
-    queue and first step), the bytes over the link's speed with headroom, and an allowance for the first
-    handshake with that prefill engine (NIXL metadata exchange and UCX endpoints); never past ``cap_s``."""
-
-    base_s: float = 5.0
-    factor: float = 4.0
-    assumed_bytes_per_s: float = 1e8  # until the engine measured its own pulls
-    first_handshake_s: float = 5.0
-    cap_s: float = 10.0
-
-    def seconds(self, num_bytes: int, measured_bytes_per_s: float | None, first_contact: bool) -> float:
-        speed = measured_bytes_per_s or self.assumed_bytes_per_s
-        s = self.base_s + self.factor * num_bytes / speed + (self.first_handshake_s if first_contact else 0.0)
-        return min(s, self.cap_s)
-
-
-def handoff_usable(kv_expires_at: float | None, now: float, kv_pull_timeout_s: float) -> bool:
-    """Whether a pull started ``now`` finishes (or is aborted at its deadline) before the prefill side's lease
-    ends; after that the prefill engine may have given the blocks to another request."""
-    return kv_expires_at is None or now + kv_pull_timeout_s < kv_expires_at
+def decode_request(endpoint: str, body: dict, handoff: Handoff | None = None) -> PhaseRequest:
+    return PhaseRequest(endpoint, copy.deepcopy(body), handoff=handoff)

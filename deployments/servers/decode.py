@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from ..kv import PhaseRequest, handoff_usable
+from ..kv import PhaseRequest
 from ..metrics import metrics
 from ..outcomes import Failure
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PullRecomputed, ReplicaTag
@@ -30,13 +30,13 @@ class Decoder(EngineServer):
         late) is not used: the prefill engine may already have reused those blocks. Nor is one from an engine
         whose KV layout differs (another model, dtype, block size or vLLM version): its blocks would be garbage."""
         yield ReplicaTag(self.replica, time.time(), self.node)
-        spec = self.engine.spec
-        if not handoff_usable(req.kv_expires_at, time.time(), spec.kv_pull_timeout_s):
+        spec, handoff = self.engine.spec, req.handoff
+        if handoff and not handoff.usable(time.time(), spec.kv_pull_timeout_s):
             yield HandoffFailed(Failure.KV_LEASE_EXPIRED)
             return
-        if req.kv_transfer_params and req.kv_fingerprint != self.engine.kv_fingerprint:
+        if handoff and not handoff.compatible_with(self.engine.kv_fingerprint):
             logger.warning("hand-off from an engine with another KV layout (%s, this engine %s): prefilling locally",
-                           req.kv_fingerprint, self.engine.kv_fingerprint)
+                           handoff.fingerprint, self.engine.kv_fingerprint)
             yield HandoffFailed(Failure.KV_INCOMPATIBLE)
             return
         async for item in self.engine.generate(req):

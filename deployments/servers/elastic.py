@@ -19,7 +19,7 @@ class Elastic(Prefiller, Decoder):
     async def generate(self, req: PhaseRequest, route: RouteRequest | None = None) -> AsyncIterator:
         """As a decode replica; a prompt prefilled here counts as outstanding prompt tokens until its first reply
         (so the load report tells the choice how much prefill work this engine holds)."""
-        num_tokens = route.num_prompt_tokens if route and not req.kv_transfer_params else 0
+        num_tokens = route.num_prompt_tokens if route and not req.handoff else 0
         self.num_outstanding_prompt_tokens += num_tokens
         try:
             async for item in Decoder.generate(self, req, route):
