@@ -66,36 +66,36 @@ test-serve: install
 
 # Goodput sweep on the mixed, rag and chat profiles, each setup started fresh at equal cores and engine defaults:
 # pdserve elastic, colocated (one two-core engine; two one-core engines), static PD, Ray Serve LLM PD (as shipped):
-# loadtests/bench.py, about 70 minutes on two cores. Then the serving overhead against vLLM's own server, one request at a
-# time: loadtests/overhead.py. Results in docs/benchmarks.md.
+# loadtests/bench/sweep.py, about 70 minutes on two cores. Then the serving overhead against vLLM's own server, one
+# request at a time: loadtests/bench/overhead.py. Results in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
-	$(BIN)/python -m loadtests.overhead --main-loop --direct-ingress --out $(or $(BENCH_OUT),bench-results)
+	$(BIN)/python -m loadtests.bench.overhead --main-loop --direct-ingress --out $(or $(BENCH_OUT),bench-results)
 
 bench-overhead: install
-	$(BIN)/python -m loadtests.overhead --main-loop --direct-ingress --out $(or $(BENCH_OUT),bench-results)
+	$(BIN)/python -m loadtests.bench.overhead --main-loop --direct-ingress --out $(or $(BENCH_OUT),bench-results)
 
 # Compiled vs eager engines: startup cost, prefill speed (long-prompt TTFT) and decode speed (TPOT):
-# loadtests/compile_choice.py, results in docs/benchmarks.md (they chose engine.enforce_eager's default).
+# loadtests/bench/compile_choice.py, results in docs/benchmarks.md (they chose engine.enforce_eager's default).
 bench-compile: install
-	$(BIN)/python -m loadtests.compile_choice --out $(or $(BENCH_OUT),bench-results)
+	$(BIN)/python -m loadtests.bench.compile_choice --out $(or $(BENCH_OUT),bench-results)
 
 # Against a running server (`make run`; with PDSERVE_API_KEY set if the server has one). Not in `make test`:
-# fuzz: schemathesis over vLLM's request schemas, >= 1,000 requests, streaming and not (loadtests/fuzz.py);
-# soak: 10 minutes of steady load with disconnects and bad requests, then leak checks (loadtests/soak.py).
+# fuzz: schemathesis over vLLM's request schemas, >= 1,000 requests, streaming and not (loadtests/reliability/fuzz.py);
+# soak: 10 minutes of steady load with disconnects and bad requests, then leak checks (loadtests/reliability/soak.py).
 # Results: docs/fuzz/, docs/soak/ and docs/reliability.md.
 fuzz: install
 	$(BIN)/pip install -q -e ".[fuzz]"
-	$(BIN)/python -m loadtests.fuzz $(FUZZ_ARGS)
+	$(BIN)/python -m loadtests.reliability.fuzz $(FUZZ_ARGS)
 
 soak: install
-	$(BIN)/python -m loadtests.soak $(SOAK_ARGS)
+	$(BIN)/python -m loadtests.reliability.soak $(SOAK_ARGS)
 
 # Faults under steady locust load on a local multi-node cluster (root): prefill node killed or frozen, one of two
-# decode nodes killed, the prefill<->decode link cut, delayed and lossy (loadtests/chaos.py). Starts and removes
-# its own cluster (stop any `make run` first). Results: docs/chaos/ and docs/reliability.md.
+# decode nodes killed, the prefill<->decode link cut, delayed and lossy (loadtests/reliability/chaos.py). Starts and
+# removes its own cluster (stop any `make run` first). Results: docs/chaos/ and docs/reliability.md.
 chaos: install
-	$(BIN)/python -m loadtests.chaos $(CHAOS_ARGS)
+	$(BIN)/python -m loadtests.reliability.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

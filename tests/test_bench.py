@@ -2,8 +2,8 @@
 
 import pytest
 
-import loadtests.bench as bench
-from loadtests.bench import (
+import loadtests.bench.sweep as bench
+from loadtests.bench.sweep import (
     BASE,
     COLOCATED_SETUPS,
     DEFAULT_SETUPS,
@@ -15,7 +15,7 @@ from loadtests.bench import (
     goodput,
     table,
 )
-from loadtests.workloads import Workload
+from loadtests.locust.workloads import Workload
 
 
 def _run(rate, attainment, ttft_p50=0.1, itl_p99=0.2):
@@ -102,7 +102,7 @@ def test_pdserve_setup_configs_load_into_settings_with_equal_cores(tmp_path):
 
 def test_engine_dtype_applies_to_every_engine_of_every_pdserve_setup_and_refuses_the_peer(tmp_path):
     from deployments.config import load_serve_config
-    from loadtests.bench import main
+    from loadtests.bench.sweep import main
 
     for setup, (kind, _, _) in SETUPS.items():
         if kind != "pdserve":
@@ -120,7 +120,7 @@ def test_engine_dtype_applies_to_every_engine_of_every_pdserve_setup_and_refuses
 def test_peer_config_is_accepted_by_ray_serve_llm_and_uses_the_same_cores(peer):
     from ray.llm._internal.serve.serving_patterns.prefill_decode.builder import PDServingArgs
 
-    from loadtests.peer import pd_serving_args
+    from loadtests.bench.peer import pd_serving_args
 
     variant = SETUPS[peer][1]
     args = PDServingArgs.model_validate(pd_serving_args("/models/smol", variant))
@@ -148,7 +148,7 @@ def test_overhead_direct_ingress_row_targets_the_ingress_replica_not_the_proxy()
     measures the proxy hop it means to remove."""
     from deployments.config import load_serve_config
     from deployments.settings import DIRECT_INGRESS_SPAN, HttpSettings
-    from loadtests.overhead import BARE_PORT, DIRECT_INGRESS_HTTP, DIRECT_INGRESS_PORT, ROOT, setup_url
+    from loadtests.bench.overhead import BARE_PORT, DIRECT_INGRESS_HTTP, DIRECT_INGRESS_PORT, ROOT, setup_url
 
     [(_, settings)] = load_serve_config(ROOT / "cluster/local-colocated.yaml")  # the config the benchmark deploys
     proxy = settings.http.port

@@ -1,6 +1,6 @@
 """The CPU profile's attribution of processes to Serve replicas (fake process objects: pure logic)."""
 
-from loadtests.cpu_profile import _component, snapshot
+from loadtests.bench.cpu_profile import _component, snapshot
 
 
 class FakeProcess:

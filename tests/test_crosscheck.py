@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from loadtests.crosscheck import compare, markdown, vllm_bench_command, write_prompts
+from loadtests.bench.crosscheck import compare, markdown, vllm_bench_command, write_prompts
 
 
 def test_prompts_file_is_the_profiles_prompts_in_order(tmp_path):
-    from loadtests.workloads import Workload
+    from loadtests.locust.workloads import Workload
 
     path = tmp_path / "p.jsonl"
     write_prompts(path, "chat", 5, 64, seed=3, session=2)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.report import RequestSample, meets_slo
-from loadtests.runner import run_locust
+from loadtests.locust.report import RequestSample, meets_slo
+from loadtests.locust.runner import run_locust
 
 pytestmark = pytest.mark.cluster
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

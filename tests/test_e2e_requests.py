@@ -151,7 +151,8 @@ def test_errors_are_openai_json_and_hide_internals(cluster, http):
         assert json.loads(resp.text)["error"]["code"] == resp.status_code
 
 
-FUZZ_FINDINGS = {  # requests the fuzzer (loadtests/fuzz.py) found answered 503: vLLM refuses them while parsing
+# requests the fuzzer (loadtests/reliability/fuzz.py) found answered 503: vLLM refuses them while parsing
+FUZZ_FINDINGS = {
     "tool-choice-without-tools": ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                         "tool_choice": "auto"}),
     "logprob-token-ids-without-logprobs": ("/completions", {"prompt": "Hi", "logprob_token_ids": [1, 2]}),

@@ -1,7 +1,7 @@
 """The load-test tooling without a cluster: workloads, JSONL prompts, report math, plots, streaming client, options.
 
-Runs that need a server use loadtests/fake_server.py on 127.0.0.1 (a thread of this process); the unreachable-server
-check runs locust against port 9, where nothing listens.
+Runs that need a server use loadtests/locust/fake_server.py on 127.0.0.1 (a thread of this process); the
+unreachable-server check runs locust against port 9, where nothing listens.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from loadtests.fake_server import MODEL, FakeOpenAIServer
-from loadtests.report import (
+from loadtests.locust.fake_server import MODEL, FakeOpenAIServer
+from loadtests.locust.report import (
     RequestSample,
     latency_stats,
     meets_slo,
@@ -27,9 +27,9 @@ from loadtests.report import (
     tpot_s,
     write_report,
 )
-from loadtests.runner import LOCUSTFILE, run_locust
-from loadtests.stream import DONE, StreamError, parse_sse_line, stream_request
-from loadtests.workloads import (
+from loadtests.locust.runner import LOCUSTFILE, run_locust
+from loadtests.locust.stream import DONE, StreamError, parse_sse_line, stream_request
+from loadtests.locust.workloads import (
     PROMPT_TOKENS,
     TEMPLATE_MARGIN_TOKENS,
     Workload,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from loadtests.fuzz import ENDPOINTS, openapi_spec, request_schemas
-from loadtests.soak import bad_requests
+from loadtests.reliability.fuzz import ENDPOINTS, openapi_spec, request_schemas
+from loadtests.reliability.soak import bad_requests
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """vLLM general plugin: a CPU engine computes on the cores it is given, and its processes do not spin.
 
 Two things vLLM does on CPU take the cores pdserve gives an engine (``cpu_bind``) away from it. Both were found by
-``loadtests/cpu_profile.py`` with two one-core NIXL engines (elastic mode, rag at 0.3 req/s): 7% SLO attainment,
+``loadtests/bench/cpu_profile.py`` with two one-core NIXL engines (elastic mode, rag at 0.3 req/s): 7% SLO attainment,
 decode steps twice as slow as the same engines without NIXL.
 
 1. **NIXL moves the compute thread.** The NIXL connector's worker, on CPU, "reserves" the last core of each NUMA

@@ -1,6 +1,6 @@
 """Soak: a steady load for minutes, with client disconnects and bad requests mixed in; then check for leaks.
 
-`make soak` (or `python -m loadtests.soak`) against a running server (`make run`):
+`make soak` (or `python -m loadtests.reliability.soak`) against a running server (`make run`):
 - locust, the `mixed` profile, open loop below the goodput rate (`--rate`), for `--duration-s`;
 - beside it, every `--chaos-every-s`: one streaming request that the client drops after its first chunk, and
   one bad request (malformed JSON, an internal field, a list prompt, a null text part, n over its cap, a wrong
@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from .engines import busy_engines
-from .runner import run_locust
+from ..engines import busy_engines
+from ..locust.runner import run_locust
 
 LONG = "Summarise the history of the printing press in Europe, its inventors and its effect on literacy. " * 25
 

@@ -1,6 +1,6 @@
 """Locust load test of pdserve's OpenAI-compatible API (streaming chat and completions).
 
-    .venv/bin/locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -t 60s \\
+    .venv/bin/locust -f loadtests/locust/locustfile.py --headless --host http://127.0.0.1:8000 -t 60s \\
         --profile mixed --request-rate 2 --report-dir loadtest-report
 
 Every request streams; each reports, as separate locust request events named after its request category
@@ -9,7 +9,8 @@ request; a failure carries the error, its response_length is the number of outpu
 ``--request-rate R > 0`` is open loop: one dispatcher fires requests with exponential inter-arrival times (Poisson,
 R req/s), each in its own greenlet, whatever the latency; ``--request-rate 0`` is closed loop: each of the ``-u``
 users sends its next request when the previous one ends. At the end of the run the requests still in flight are
-drained (``--drain-timeout-s``), and the report (loadtests/report.py) goes to ``--report-dir``. See docs/loadtests.md.
+drained (``--drain-timeout-s``), and the report (loadtests/locust/report.py) goes to ``--report-dir``. See
+docs/loadtests.md.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from gevent.pool import Group
 from locust import User, constant, events, task
 from locust import stats as locust_stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `loadtests` as a package, whatever the cwd
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `loadtests` as a package, whatever the cwd
 
-from loadtests.report import RequestSample, meets_slo, summarize, write_report  # noqa: E402
-from loadtests.stream import StreamError, stream_request  # noqa: E402
-from loadtests.workloads import ENDPOINTS, Workload, WorkloadError, request_body  # noqa: E402
+from loadtests.locust.report import RequestSample, meets_slo, summarize, write_report  # noqa: E402
+from loadtests.locust.stream import StreamError, stream_request  # noqa: E402
+from loadtests.locust.workloads import ENDPOINTS, Workload, WorkloadError, request_body  # noqa: E402
 
 logger = logging.getLogger("pdserve.loadtest")
 EXIT_BAD_OPTION, EXIT_UNREACHABLE = 2, 3

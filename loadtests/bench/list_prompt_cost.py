@@ -1,5 +1,5 @@
 """What local prefill costs a list prompt, measured against a running server (`make run`):
-`python -m loadtests.list_prompt_cost`.
+`python -m loadtests.bench.list_prompt_cost`.
 
 pdserve serves a completions request with several prompts by prefilling them on the decode replica (one KV
 hand-off carries one prompt). The alternative would be one hand-off per prompt. This compares, for the same

@@ -6,7 +6,7 @@ Starts vLLM's own server fresh with pdserve's engine arguments (one engine, one 
 - the prefill role: TTFT of long prompts (~1,000 tokens), i.e. prefill speed;
 - the decode role: TPOT of short prompts with a longer answer.
 
-    python -m loadtests.compile_choice --out docs/benchmarks      (or: make bench-compile)
+    python -m loadtests.bench.compile_choice --out docs/benchmarks      (or: make bench-compile)
 
 Prints and writes ``<out>/compile-choice.md`` and ``compile-choice.json``, with compiled / eager ratios.
 
@@ -27,7 +27,7 @@ from .overhead import bare_server, measure, prompts, summary
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m loadtests.compile_choice", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.compile_choice", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-requests", type=int, default=10)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--dtypes", default="", help="e.g. bfloat16,float32: compare these dtypes (eager) instead")

@@ -1,5 +1,5 @@
 """What a frozen prefill or decode replica costs, measured against a running server (`make run`, the default config):
-`python -m loadtests.frozen_replica [--pool decode]`.
+`python -m loadtests.reliability.frozen_replica [--pool decode]`.
 
 Sends long prompts one at a time: first with every replica of the pool healthy, then with their process trees
 stopped (SIGSTOP: a hung node looks like this), then again after SIGCONT. Prints each request's time, status,
@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from .engines import replica_stats, serve_replicas
+from ..engines import replica_stats, serve_replicas
 
 LONG = "Explain how a steam engine turns heat into motion, step by step, with the history of its invention. " * 18
 

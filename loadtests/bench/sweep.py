@@ -4,7 +4,7 @@ setup keeps up, then bisecting), each setup started fresh on the same machine in
 cores with the engines' defaults (eager, as ``engine.enforce_eager`` defaults; docs/benchmarks.md says why):
 pdserve elastic, pdserve colocated (one engine on both cores, and two one-core engines with least-loaded
 routing), pdserve static PD, and Ray Serve LLM's ``build_pd_openai_app`` as shipped and with pdserve's NIXL
-idle-spin fix (loadtests/peer.py).
+idle-spin fix (loadtests/bench/peer.py).
 
     python -m loadtests.bench --profiles mixed,rag,chat --duration-s 60 --out bench-results      (or: make bench)
 
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import yaml
 
-from .runner import run_locust
+from ..locust.runner import run_locust
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TARGET_ATTAINMENT = 0.9
 # name -> how to start it: a pdserve Serve config and edits to its app's args, or the Ray Serve LLM peer's
-# variant (loadtests/peer.py). Equal total cores (2 here) for every setup.
+# variant (loadtests/bench/peer.py). Equal total cores (2 here) for every setup.
 SETUPS: dict[str, tuple[str, str, dict]] = {
     "pdserve-colocated": ("pdserve", "cluster/local-colocated.yaml", {
         "colocated": {"num_replicas": 1, "num_cpus": 2, "cpu_bind": ["0-1"]}}),
@@ -78,7 +78,7 @@ def _start(setup: str, out: Path, engine_dtype: str | None = None) -> None:
     if kind == "pdserve":
         _pdserve("up", "--config", str(_config(setup, out, engine_dtype)))
     else:
-        subprocess.run([sys.executable, "-m", "loadtests.peer", "up", "--variant", target], check=True,
+        subprocess.run([sys.executable, "-m", "loadtests.bench.peer", "up", "--variant", target], check=True,
                        timeout=1200, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
@@ -86,7 +86,7 @@ def _stop(setup: str) -> None:
     if SETUPS[setup][0] == "pdserve":
         _pdserve("down")
     else:
-        subprocess.run([sys.executable, "-m", "loadtests.peer", "down"], check=False, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "loadtests.bench.peer", "down"], check=False, cwd=ROOT)
 
 
 def rate_seed(seed: int, rate: float | None) -> int:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS), help="comma-separated, run in this order, of: "
                    + ", ".join(SETUPS) + " (run the colocated setups first: the best one's goodput rate is run by "
                    "every later setup)")
-    p.add_argument("--profiles", default="mixed,rag,chat", help="workload profiles (loadtests/workloads.py)")
+    p.add_argument("--profiles", default="mixed,rag,chat", help="workload profiles (loadtests/locust/workloads.py)")
     # defaults sized for one run of every setup in about 70 minutes on two cores (docs/benchmarks.md)
     p.add_argument("--duration-s", type=float, default=25, help="seconds per rate")
     p.add_argument("--start-rps", type=float, default=0.3, help="first rate of the sweep")

@@ -17,7 +17,7 @@ and each setup's ratio is to the baseline's requests interleaved with its own. S
   ingress replica serves HTTP itself on a port of its own (the proxy keeps 8000), no proxy → ingress hop and no call
   back to the proxy for the request body. Requests go to that port.
 
-    python -m loadtests.overhead --num-requests 30 --main-loop --out docs/benchmarks    (or: make bench-overhead)
+    python -m loadtests.bench.overhead --num-requests 30 --main-loop --out docs/benchmarks    (or: make bench-overhead)
 
 Prints and writes (``<out>/overhead.md``, ``overhead.json``) TTFT, TPOT and E2E p50 per setup, the baseline's
 p50s over the same stretch, and the ratios. The target: pdserve within 1.1x of vLLM's server on TTFT p50 and TPOT p50.
@@ -39,10 +39,10 @@ from pathlib import Path
 import requests
 import yaml
 
-from .report import RequestSample
-from .stream import stream_request
+from ..locust.report import RequestSample
+from ..locust.stream import stream_request
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BARE_PORT = 8100
 MODEL = "smollm2-135m-instruct"
 WORDS = ["river", "stone", "lamp", "orchard", "violet", "harbour", "copper", "meadow", "lantern", "falcon",
@@ -252,7 +252,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m loadtests.overhead", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-requests", type=int, default=30)
     p.add_argument("--prompt-words", type=int, default=60, help="about 64 prompt tokens")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     results: dict[str, dict[str, dict[str, float]]] = {}
-    from .bench import machine
+    from .sweep import machine
 
     machine_line, dtype = machine(), args.engine_dtype or "the config's"  # the machine read once per run
     _say(f"machine: {machine_line}; engine dtype: {dtype}")

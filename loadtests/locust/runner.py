@@ -1,6 +1,6 @@
 """Run one headless locust load test as a subprocess and return its summary (for sweeps and tests).
 
-    from loadtests.runner import run_locust
+    from loadtests.locust.runner import run_locust
     summary = run_locust("http://127.0.0.1:8000", "mixed", 2.0, 60, "reports/mixed-2rps", slo_ttft_s=2.0)
     summary["goodput_rps"], summary["latency_s"]["ttft"]["p99"]
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from .report import SUMMARY_FILE
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+ROOT = LOCUSTFILE.parents[2]  # the repository: the run's working directory
 LOG_FILE = "locust.log"
 EXIT_OK, EXIT_REQUEST_FAILURES = 0, 1  # locust exits 1 when any request failed: the summary is still valid
 
@@ -62,7 +63,7 @@ def run_locust(base_url: str, profile: str = "chat", rate: float = 1.0, duration
     summary_path.unlink(missing_ok=True)  # never return a previous run's summary
     cmd = locust_command(base_url, profile, rate, duration_s, report_dir, num_users=num_users, **options)
     drain_s = float(options.get("drain_timeout_s") or 60)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=LOCUSTFILE.parent.parent,
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout_s or duration_s + drain_s + 120)
     log_path = report_dir / LOG_FILE
     log_path.write_text(proc.stderr + proc.stdout)  # locust logs (progress lines) go to stderr, its tables to stdout

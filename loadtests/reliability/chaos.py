@@ -1,6 +1,6 @@
 """Chaos runs on the local multi-node cluster: faults under steady locust load, every request's outcome recorded.
 
-    python -m loadtests.chaos --out docs/chaos          # make chaos; root (network namespaces); ~15 minutes
+    python -m loadtests.reliability.chaos --out docs/chaos          # make chaos; root (network namespaces); ~15 minutes
 
 Starts head, prefill and two decode nodes (cluster/local-multinode.yaml plus a second decode node, one decode replica
 per decode node), then runs one locust load test per scenario. Each scenario injects its fault a third of the way
@@ -37,10 +37,10 @@ import yaml
 
 from cluster import multinode
 
-from .report import SAMPLES_FILE, percentile
-from .runner import run_locust
+from ..locust.report import SAMPLES_FILE, percentile
+from ..locust.runner import run_locust
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PDSERVE = str(Path(sys.executable).with_name("pdserve"))
 HUNG_KINDS = {"timeout", "cancelled_at_stop", "incomplete_stream"}  # the request never ended
 

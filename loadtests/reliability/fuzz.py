@@ -1,4 +1,4 @@
-"""OpenAPI-driven fuzzing of the live API with schemathesis: `make fuzz` (or `python -m loadtests.fuzz`).
+"""OpenAPI-driven fuzzing of the live API with schemathesis: `make fuzz` (or `python -m loadtests.reliability.fuzz`).
 
 The request schemas are vLLM's own pydantic models (``CompletionRequest``, ``ChatCompletionRequest``), so the
 generated requests cover every field a client may send, valid (positive mode) and invalid (negative mode).
@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .engines import busy_engines
+from ..engines import busy_engines
 
 ENDPOINTS = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest"}
 

@@ -1,6 +1,7 @@
 """A stand-in for pdserve's streaming OpenAI API, to test the load-test tooling without engines.
 
-    python -m loadtests.fake_server --port 8011   # then: locust -f loadtests/locustfile.py --host http://127.0.0.1:8011
+    python -m loadtests.locust.fake_server --port 8011
+    locust -f loadtests/locust/locustfile.py --host http://127.0.0.1:8011    # then, in another shell
 
 It streams ``max_tokens`` one-word tokens (``token_delay_s`` apart, the first after ``ttft_delay_s``) with the
 chunk shapes of vLLM/pdserve (a role-only first chunk for chat, a usage chunk, ``[DONE]``), and counts the

@@ -1,8 +1,8 @@
 """The benchmark's peer: Ray Serve LLM's own P/D builder, ``ray.serve.llm.build_pd_openai_app``, on this machine.
 
-    python -m loadtests.peer up --variant shipped     # NIXL as vLLM ships it (busy-polling progress thread)
-    python -m loadtests.peer up --variant nixl-fix    # the same, with pdserve's vLLM plugins loaded
-    python -m loadtests.peer down
+    python -m loadtests.bench.peer up --variant shipped     # NIXL as vLLM ships it (busy-polling progress thread)
+    python -m loadtests.bench.peer up --variant nixl-fix    # the same, with pdserve's vLLM plugins loaded
+    python -m loadtests.bench.peer down
 
 Same model, dtype, engine limits and cores as pdserve's default config (one prefill engine on core 0, one
 decode engine on core 1, NixlConnector with ``kv_buffer_device=cpu``), served on :8000 like pdserve, so the
@@ -100,7 +100,7 @@ def down() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.peer", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.peer", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     start = sub.add_parser("up", help="start a local Ray head and deploy Ray Serve LLM's P/D app on :8000")
     start.add_argument("--variant", choices=VARIANTS, default="shipped")
