@@ -25,6 +25,7 @@ p50s over the same stretch, and the ratios. The target: pdserve within 1.1x of v
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -249,9 +250,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench.overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-requests", type=int, default=30)
     p.add_argument("--prompt-words", type=int, default=60, help="about 64 prompt tokens")
@@ -262,16 +261,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="every engine's dtype (baseline's and pdserve's) instead of the config's, e.g. float32 on a "
                    "CPU without bf16 instructions, where a 64-token bf16 prefill takes seconds and hides the overhead")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = os.environ.get("PDSERVE_API_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    setups: list[tuple[str, dict | None, dict | None]] = [("pdserve", None, None)]  # (name, node env, http)
+    return p
+
+
+def _setups(args: argparse.Namespace) -> list[tuple[str, dict | None, dict | None]]:
+    """The pdserve variants to run, as (name, node env, http)."""
+    setups: list[tuple[str, dict | None, dict | None]] = [("pdserve", None, None)]
     if args.main_loop:
         setups.append(("pdserve-main-loop", MAIN_LOOP_ENV, None))
     if args.direct_ingress:
         setups.append(("pdserve-direct-ingress", None, DIRECT_INGRESS_HTTP))
+    return setups
+
+
+def _write(out: Path, results: dict[str, dict[str, dict[str, float]]], machine_line: str, dtype: str) -> str:
+    """overhead.json and overhead.md; returns the Markdown."""
+    md = f"{machine_line}; engine dtype: {dtype}\n\n" + table(results)
+    (out / "overhead.json").write_text(json.dumps(results | {"machine": machine_line, "engine_dtype": dtype}, indent=1))
+    (out / "overhead.md").write_text(md + "\n")
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = os.environ.get("PDSERVE_API_KEY")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    setups = _setups(args)
     n, first = args.num_requests + 3, 0
 
     def batch() -> tuple[list[str], list[str]]:  # (warmup, measured): prompts no engine here saw before
@@ -310,10 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 if env is None and http is None:
                     raise
                 _say(f"{name} failed: {exc!r}")
-    md = f"{machine_line}; engine dtype: {dtype}\n\n" + table(results)
-    (out / "overhead.json").write_text(json.dumps(results | {"machine": machine_line, "engine_dtype": dtype}, indent=1))
-    (out / "overhead.md").write_text(md + "\n")
-    print(md)
+    print(_write(out, results, machine_line, dtype))
     return 0
 
 

@@ -16,6 +16,7 @@ holds every profile's tables.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -265,9 +266,7 @@ def machine(cpuinfo: str | None = None, num_cores: int | None = None) -> str:
             f"{', '.join(bf16) if bf16 else 'none (bf16 matmuls emulated)'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS), help="comma-separated, run in this order, of: "
                    + ", ".join(SETUPS) + " (run the colocated setups first: the best one's goodput rate is run by "
@@ -290,6 +289,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="every pdserve setup's engine.dtype instead of its config's (bfloat16): e.g. float32 on a CPU "
                    "without bf16 instructions (see machine:). The peer runs as shipped: not with peer setups")
     p.add_argument("--out", default="bench-results", help="results folder")
+    return p
+
+
+def _write_reports(results: dict[str, dict[str, list[dict]]], out: Path, header: str, started: float) -> str:
+    """Each profile's table, plot and bench.md, and ``<out>/bench.md`` with all of them; returns that text."""
+    md = [header]
+    for profile, by_setup in results.items():
+        md.append(report(by_setup, profile))
+        (out / profile / "bench.md").write_text(md[-1] + "\n")
+        plot(by_setup, out / profile / "attainment.png", profile)
+    md.append(f"Whole run: {(time.monotonic() - started) / 60:.0f} minutes.")
+    (out / "bench.md").write_text("\n\n".join(md) + "\n")
+    return "\n\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     setups, profiles = args.setups.split(","), args.profiles.split(",")
     extra = tuple(float(r) for r in args.extra_rates.split(",") if r)
@@ -330,14 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / profile / "bench.json").write_text(json.dumps(results[profile], indent=1))  # partial results
         finally:
             _stop(setup)
-    md = [f"Machine: {on}. Engine dtype: {dtype}."]
-    for profile in profiles:
-        md.append(report(results[profile], profile))
-        (out / profile / "bench.md").write_text(md[-1] + "\n")
-        plot(results[profile], out / profile / "attainment.png", profile)
-    md.append(f"Whole run: {(time.monotonic() - started) / 60:.0f} minutes.")
-    (out / "bench.md").write_text("\n\n".join(md) + "\n")
-    print("\n\n".join(md))
+    print(_write_reports(results, out, f"Machine: {on}. Engine dtype: {dtype}.", started))
     return 0
 
 

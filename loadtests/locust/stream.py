@@ -60,6 +60,32 @@ def _http_error(resp: requests.Response) -> StreamError:
     return StreamError(f"http_{resp.status_code}", f"{message}{retry}")
 
 
+def _record_chunk(sample: RequestSample, at: float, start: float, last: float | None,
+                  on_token: Callable[[str, float], None] | None) -> None:
+    """A text-bearing chunk arrived at ``at``: the first sets TTFT, each later one adds an inter-token gap."""
+    if last is None:
+        sample.ttft_s = at - start
+        if on_token:
+            on_token("TTFT", sample.ttft_s)
+    else:
+        sample.itl_s.append(at - last)
+        if on_token:
+            on_token("ITL", sample.itl_s[-1])
+    sample.num_chunks += 1
+
+
+def _finish(sample: RequestSample, done: bool, start: float, finish_at: float | None) -> RequestSample:
+    """After the stream: fail a stream without [DONE], else fill what the chunks did not say and mark it ok."""
+    if not done:
+        raise StreamError("incomplete_stream", "the stream ended without data: [DONE]")
+    if sample.ttft_s is None:  # an empty answer (EOS first): its first "token" is the finishing chunk
+        sample.ttft_s = (finish_at - start) if finish_at is not None else sample.e2e_s
+    if not sample.num_output_tokens:  # no usage chunk: count the text-bearing chunks
+        sample.num_output_tokens = sample.num_chunks
+    sample.ok = True
+    return sample
+
+
 def stream_request(session: requests.Session, url: str, body: dict, sample: RequestSample, *, timeout_s: float,
                    on_token: Callable[[str, float], None] | None = None) -> RequestSample:
     """Send one streaming request and fill ``sample``; ``on_token("TTFT"|"ITL", seconds)`` as tokens arrive.
@@ -93,16 +119,8 @@ def stream_request(session: requests.Session, url: str, body: dict, sample: Requ
                     sample.num_prompt_tokens = int(event["usage"].get("prompt_tokens") or 0)
                     sample.num_output_tokens = int(event["usage"].get("completion_tokens") or 0)
                 if chunk_text(event, endpoint):
-                    if last is None:
-                        sample.ttft_s = now - start
-                        if on_token:
-                            on_token("TTFT", sample.ttft_s)
-                    else:
-                        sample.itl_s.append(now - last)
-                        if on_token:
-                            on_token("ITL", sample.itl_s[-1])
+                    _record_chunk(sample, now, start, last, on_token)
                     last = now
-                    sample.num_chunks += 1
                 elif finish_at is None and any(c.get("finish_reason") for c in event.get("choices") or []):
                     finish_at = now
                 if now - start > timeout_s:
@@ -115,11 +133,4 @@ def stream_request(session: requests.Session, url: str, body: dict, sample: Requ
         raise StreamError("request_error", f"{type(exc).__name__}: {exc}") from None
     finally:
         sample.e2e_s = time.perf_counter() - start
-    if not done:
-        raise StreamError("incomplete_stream", "the stream ended without data: [DONE]")
-    if sample.ttft_s is None:  # an empty answer (EOS first): its first "token" is the finishing chunk
-        sample.ttft_s = (finish_at - start) if finish_at is not None else sample.e2e_s
-    if not sample.num_output_tokens:  # no usage chunk: count the text-bearing chunks
-        sample.num_output_tokens = sample.num_chunks
-    sample.ok = True
-    return sample
+    return _finish(sample, done, start, finish_at)

@@ -111,7 +111,7 @@ class Chaos(threading.Thread):
         return {"kind": "wrong-key", "status": resp.status_code, "ok": ok}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="http://127.0.0.1:8000")
     p.add_argument("--metrics", default="http://127.0.0.1:8080/metrics")
@@ -125,7 +125,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chaos-every-s", type=float, default=10)
     p.add_argument("--sample-every-s", type=float, default=30)
     p.add_argument("--report", default="docs/soak")
-    args = p.parse_args(argv)
+    return p
+
+
+def _summary(args: argparse.Namespace, load: dict, chaos: Chaos, growth: dict,
+             busy: dict[str, dict[str, float]]) -> dict:
+    """soak-summary.json: the load's outcome, the chaos requests, the engines still busy, and RSS growth."""
+    chaos_failed = [r for r in chaos.results if not r["ok"]]
+    return {
+        "rate_rps": args.rate, "duration_s": args.duration_s, "locust": {
+            k: load.get(k) for k in ("num_requests", "num_ok", "num_failed", "errors", "slo_attainment", "routes")},
+        "chaos": {"num_requests": len(chaos.results), "num_unexpected": len(chaos_failed),
+                  "unexpected": chaos_failed[:20],
+                  "by_kind": {k: sum(1 for r in chaos.results if r["kind"] == k)
+                              for k in sorted({r["kind"] for r in chaos.results})}},
+        "busy_engines_after": busy, "num_processes": len(growth),
+        "worst_rss_growth": max(growth.values(), key=lambda g: g["growth_pct"], default=None),
+        "processes_over_10pct": [g for g in growth.values() if g["growth_pct"] >= 10],
+        "rss_growth": sorted(growth.values(), key=lambda g: -g["growth_pct"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     key = os.environ.get("PDSERVE_API_KEY")
     headers = {"authorization": f"Bearer {key}"} if key else {}
     report = Path(args.report)
@@ -155,24 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     growth = {pid: {"process": name, "rss_warm_mib": round(warm[pid][1] / 2**20, 1),
                     "rss_end_mib": round(rss / 2**20, 1), "growth_pct": round(100 * (rss / warm[pid][1] - 1), 2)}
               for pid, (name, rss) in end.items() if pid in warm and warm[pid][1] > 0}
-    worst = max(growth.values(), key=lambda g: g["growth_pct"], default=None)
     busy = busy_engines()
-    chaos_failed = [r for r in chaos.results if not r["ok"]]
-    summary = {
-        "rate_rps": args.rate, "duration_s": args.duration_s, "locust": {
-            k: load.get(k) for k in ("num_requests", "num_ok", "num_failed", "errors", "slo_attainment", "routes")},
-        "chaos": {"num_requests": len(chaos.results), "num_unexpected": len(chaos_failed),
-                  "unexpected": chaos_failed[:20],
-                  "by_kind": {k: sum(1 for r in chaos.results if r["kind"] == k)
-                              for k in sorted({r["kind"] for r in chaos.results})}},
-        "busy_engines_after": busy, "num_processes": len(growth), "worst_rss_growth": worst,
-        "processes_over_10pct": [g for g in growth.values() if g["growth_pct"] >= 10],
-        "rss_growth": sorted(growth.values(), key=lambda g: -g["growth_pct"]),
-    }
+    summary = _summary(args, load, chaos, growth, busy)
     (report / "soak-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rss_growth"}, indent=2))
     hung = (load.get("errors") or {}).get("cancelled_at_stop", 0) + (load.get("errors") or {}).get("timeout", 0)
-    ok = (bool(load) and load.get("num_requests", 0) > 0 and not busy and not chaos_failed
+    ok = (bool(load) and load.get("num_requests", 0) > 0 and not busy and not summary["chaos"]["num_unexpected"]
           and not summary["processes_over_10pct"] and not hung)
     return 0 if ok else 1
 
