@@ -64,7 +64,7 @@ test-unit: install
 test-serve: install
 	$(BIN)/python -m pytest -v -rA -m serve_tier tests
 
-# Goodput sweep on the mixed, rag and chat profiles, each setup started fresh at equal cores and engine defaults:
+# Goodput sweep on the mixed, rag, chat and long profiles, each setup started fresh at equal cores and engine defaults:
 # pdserve elastic, colocated (one two-core engine; two one-core engines), static PD, Ray Serve LLM PD (as shipped):
 # loadtests/bench/sweep.py, about 70 minutes on two cores. Then the serving overhead against vLLM's own server, one
 # request at a time: loadtests/bench/overhead.py. Results in docs/benchmarks.md.

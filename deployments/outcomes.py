@@ -42,6 +42,8 @@ class RouteReason(StrEnum):
     STALL_WITHIN_SLO = "stall_within_slo"  # a local prefill stalls its streams less than the ITL target
     BALANCE_STREAMS = "balance_streams"  # the decode engine holds its most streams: the quietest serves it whole
     ITL_PROTECTED = "itl_protected"  # prefilled on a quieter engine: locally it would stall streams past the ITL target
+    TTFT_PROTECTED = "ttft_protected"  # prefilled on another engine: locally its first token would come too late
+    PULL_WOULD_WAIT = "pull_would_wait"  # every decode engine is busy prefilling: a pull would wait behind it
     REFUSED = "refused"  # refused at the ingress (4xx) before any routing
 
 

@@ -174,6 +174,16 @@ class RoutingSettings(_Strict):
         "over its last load report) reaches this fraction of slo.itl_s takes no more streams while another engine "
         "has room: packing stops where an engine gets slow, whatever its stream count."
     )
+    elastic_max_pull_wait_s: float = Field(
+        0.5, ge=0, description="Elastic mode: no hand-off goes to an engine whose own queued prefill work (at the "
+        "measured prefill speed) lasts longer than this: its pull would wait behind that prefill. The request is "
+        "then decoded elsewhere or served whole (route reason pull_would_wait)."
+    )
+    elastic_stall_budget_share: float = Field(
+        0.0, ge=0, le=1, description="Elastic mode: how much of a decoding stream's slack (slo.itl_s minus its "
+        "engine's measured inter-token latency, times the measured mean output length) a prefill may use up in "
+        "one stall before the stream counts as missing its ITL target. 0: any stall past slo.itl_s counts."
+    )
     max_queued_requests: int = Field(
         64, ge=-1, description="Requests queued per pool beyond the replicas' capacity before HTTP 429; -1: no bound."
     )

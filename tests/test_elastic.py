@@ -40,7 +40,7 @@ def test_short_prompts_are_packed_onto_the_busiest_engine_with_room():
 
 def test_long_prompt_with_every_engine_idle_is_served_whole():
     d = choose_pair(1500, {"a": load(), "b": load()}, SPEED, LIMITS)
-    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "b")
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")  # a tie: by name
 
 
 def test_long_prompt_with_no_decoding_stream_anywhere_goes_to_the_engine_that_prefills_it_sooner():
@@ -62,11 +62,15 @@ def test_prefill_engine_ties_on_decoding_streams_go_to_the_one_that_finishes_soo
     assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "c")
 
 
-def test_an_engine_whose_streams_all_wait_for_their_first_token_prefills_for_the_decoding_one():
-    """a's three streams are all still being prefilled: nothing there decodes, so it prefills (behind its queue,
-    within the TTFT target) and b, which decodes two streams, decodes this one too."""
+def test_an_engine_whose_streams_all_wait_for_their_first_token_takes_the_prompt_whole_within_the_ttft_target():
+    """a's three streams are all still being prefilled: nothing there decodes, so it prefills this prompt too
+    (done in 3 s behind its queue, within the TTFT target) and streams it, packed with its others; no KV moves.
+    Behind 4500 queued tokens it would be done past the target: a takes it, b decodes (its streams are not
+    stalled, and no pull waits on b)."""
     d = choose_pair(1000, {"a": load(waiting=3, tokens=2000), "b": load(running=2)}, SPEED, LIMITS)
-    assert pair(d) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "a", "b")
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL, None, "a")
+    d = choose_pair(1000, {"a": load(waiting=3, tokens=4500), "b": load(running=2)}, SPEED, LIMITS)
+    assert pair(d)[:2] != (Route.LOCAL_PREFILL, RouteReason.NO_STREAMS_TO_STALL)
 
 
 def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
@@ -76,7 +80,7 @@ def test_prompt_whose_stall_is_within_the_itl_target_is_served_whole():
 
 def test_moving_the_prefill_to_an_engine_with_as_many_decoding_streams_saves_no_stall():
     d = choose_pair(1000, {"a": load(running=2), "b": load(running=2)}, SPEED, LIMITS)
-    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_QUIETER_ENGINE, None, "b")
+    assert pair(d) == (Route.LOCAL_PREFILL, RouteReason.NO_QUIETER_ENGINE, None, "a")
 
 
 def test_a_quieter_engine_too_busy_to_prefill_in_time_keeps_the_prefill_local():
@@ -134,10 +138,10 @@ def test_pool_drifts_into_a_prefill_engine_and_a_decode_engine_then_spills():
         d = choose_pair(tokens, ledger.loads(reported), SPEED, LIMITS)
         ledger.add(d.decode, streams=1)
         routes.append((d.prefill, d.decode))
-    # the first is served whole (nothing to stall); then a prefills what b decodes, as static PD would, until b
-    # holds 4 streams: from there a takes streams too, and short prompts pack onto a until it is full as well
-    assert routes == [(None, "b"), ("a", "b"), ("a", "b"), ("a", "b"), (None, "a"), (None, "a"), (None, "a"),
-                      (None, "a"), (None, "a")]
+    # the first is served whole (nothing to stall); then b prefills what a decodes, as static PD would, until a
+    # holds 4 streams: from there b takes streams too, and short prompts pack onto b until it is full as well
+    assert routes == [(None, "a"), ("b", "a"), ("b", "a"), ("b", "a"), (None, "b"), (None, "b"), (None, "b"),
+                      (None, "b"), (None, "a")]
     assert ledger.streams == {"a": 5, "b": 4}  # both full: the least loaded (a tie, by name) takes the last one
 
 
@@ -148,14 +152,90 @@ def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reporte
     assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens, loads["a"].kv_cache_usage) == (2, 1500,
                                                                                                            0.3)
     assert (loads["b"].num_running, loads["b"].num_outstanding_prompt_tokens) == (0, 0)
-    # the fresh bookings make b the quiet engine: it prefills the next long prompt, a (packed) decodes it
-    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
+    # the fresh bookings make b the quiet engine; a (packed) would decode, but it is still prefilling 1500 tokens
+    # (1.5 s): a pull would wait behind that, so b serves the prompt whole. Once a is done, b prefills, a decodes.
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.LOCAL_PREFILL, RouteReason.PULL_WOULD_WAIT,
+                                                             None, "b")
+    assert pair(choose_pair(1000, ledger.loads({"a": load(kv=0.3), "b": load()}) | {"a": load(running=2)}, SPEED,
+                            LIMITS))[2:] == ("b", "a")
     ledger.add("a", streams=1, waiting=1)  # a third stream, before its first token
     assert (ledger.loads({"a": load()})["a"].num_running, ledger.loads({"a": load()})["a"].num_waiting) == (2, 1)
     ledger.add("a", streams=-3, waiting=-1, prompt_tokens=-1500)
     ledger.add(None, streams=1)  # the router chose: nothing to book
     assert ledger.streams == {} and ledger.prompt_tokens == {}
     assert set(ledger.loads({"b": load()})) == {"b"}  # only live engines
+
+
+# ---- predictions: TTFT, stalls, pulls that would wait (issue: elastic at least as good as its static shapes) ----
+
+def test_no_hand_off_to_a_decode_engine_busy_with_its_own_prefill():
+    """a decodes 3 streams and is prefilling another 2000 tokens (2 s): a pull to a would wait behind that. The old
+    rule sent the hand-off there anyway (measured: pulls p90 3.2 s). Now b, idle, serves the prompt whole; with a
+    third engine c decoding and free of prefill work, b prefills and c pulls."""
+    busy = {"a": load(running=3, tokens=2000), "b": load()}
+    assert pair(choose_pair(1000, busy, SPEED, LIMITS)) == (Route.LOCAL_PREFILL, RouteReason.PULL_WOULD_WAIT,
+                                                            None, "b")
+    three = busy | {"c": load(running=2)}
+    assert pair(choose_pair(1000, three, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b",
+                                                             "c")
+    # at 400 queued tokens (0.4 s, within max_pull_wait_s) the pull may wait that long: b prefills for a
+    near = {"a": load(running=3, tokens=400), "b": load()}
+    assert pair(choose_pair(1000, near, SPEED, LIMITS))[2:] == ("b", "a")
+
+
+def test_of_several_prefill_engines_the_one_with_the_soonest_first_token_is_chosen():
+    """b and c decode nothing but both hold prefill work (2 s and 0.5 s): c's prefill is done sooner."""
+    loads = {"a": load(running=2), "b": load(tokens=2000), "c": load(tokens=500)}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("c", "a")
+
+
+def test_the_predicted_pull_time_counts_toward_the_ttft():
+    """a decodes 2 streams, b none. A hand-off whose pull takes 0.2 s keeps a's streams smooth: b prefills, a
+    pulls. One whose pull alone takes 4.5 s would miss the 5 s TTFT target: b serves the prompt whole instead.
+    The pull time comes from a's own measured pull speed, or, before a measured any, the assumed ``transfer_s``."""
+    loads = {"a": load(running=2), "b": load()}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS, transfer_s=0.2)) == (Route.DISAGGREGATED,
+                                                                             RouteReason.ITL_PROTECTED, "b", "a")
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS, transfer_s=4.5)) == (Route.LOCAL_PREFILL,
+                                                                             RouteReason.NO_STREAMS_TO_STALL, None,
+                                                                             "b")
+    slow_link = loads | {"a": replace(load(running=2), kv_pull_tokens_per_s=200.0)}  # 5 s for 1000 tokens
+    assert pair(choose_pair(1000, slow_link, SPEED, LIMITS, transfer_s=0.2))[3] == "b"
+    fast_link = loads | {"a": replace(load(running=2), kv_pull_tokens_per_s=20_000.0)}
+    assert pair(choose_pair(1000, fast_link, SPEED, LIMITS, transfer_s=4.5))[2:] == ("b", "a")
+
+
+def test_when_no_option_meets_both_targets_the_fewest_predicted_misses_win():
+    """a decodes 3 streams; b decodes 1 and holds 4500 tokens of prefill: served whole on a, 3 streams stall past
+    the ITL target; prefilled on b, the first token comes at 5.5 s (a TTFT miss) and b's one stream stalls: 2
+    misses. The hand-off wins (the old rule kept it on a: prefill_overloaded)."""
+    loads = {"a": load(running=3), "b": load(running=1, tokens=4500)}
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b",
+                                                             "a")
+
+
+def test_a_stall_within_a_streams_measured_slack_is_no_miss_when_the_budget_share_is_set():
+    """a's 2 streams see 20 ms between tokens against the 100 ms target, over 64 output tokens on average: with
+    half their slack as budget (2.56 s) a 2 s prefill there costs nothing, so a serves it whole. Without the share
+    (the default), or on an engine nearer the target (50 ms: 1.6 s of budget), the prompt is prefilled elsewhere."""
+    slack = replace(LIMITS, mean_output_tokens=64, stall_budget_share=0.5)
+    loads = {"a": replace(load(running=2), itl_s=0.02), "b": load()}
+    assert pair(choose_pair(2000, loads, SPEED, slack)) == (Route.LOCAL_PREFILL, RouteReason.STALL_WITHIN_SLO, None,
+                                                            "a")
+    assert pair(choose_pair(2000, loads, SPEED, LIMITS))[:3] == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b")
+    near = {"a": replace(load(running=2), itl_s=0.05), "b": load()}
+    assert pair(choose_pair(2000, near, SPEED, slack))[:3] == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b")
+
+
+def test_observed_speeds_are_moving_averages_of_what_requests_measured():
+    from deployments.routing.elastic import Observed
+
+    seen = Observed()
+    seen.record_output(64)
+    seen.record_output(0)  # nothing streamed: not an observation
+    assert seen.mean_output_tokens == 64
+    seen.record_output(14)
+    assert seen.mean_output_tokens == pytest.approx(54)
 
 
 def test_elastic_settings_need_their_one_pool():

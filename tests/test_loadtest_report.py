@@ -57,7 +57,7 @@ def _locust(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
 
 # ---- workloads --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("profile", ["chat", "rag", "mixed", "prefix"])
+@pytest.mark.parametrize("profile", ["chat", "rag", "mixed", "long", "prefix"])
 def test_workload_is_deterministic_from_its_seed(profile):
     first = [Workload(profile, seed=7).prompt(i) for i in range(20)]
     assert first == [Workload(profile, seed=7).prompt(i) for i in range(20)]
@@ -82,6 +82,16 @@ def test_rag_prompts_are_1k_to_2k_tokens_and_fit_the_model():
     assert all(p.num_estimated_tokens + p.max_tokens <= 2048 - TEMPLATE_MARGIN_TOKENS + 16 for p in prompts)
     capped = [Workload("rag", seed=2, max_tokens=400).prompt(i) for i in range(50)]
     assert all(p.num_estimated_tokens + 400 <= 2048 - TEMPLATE_MARGIN_TOKENS + 16 for p in capped)
+
+
+def test_long_profile_spreads_prompts_over_80_to_1500_real_tokens_with_64_token_answers():
+    """Estimated at 4 characters per token; the SmolLM2 tokenizer counts ~17% fewer on this text."""
+    prompts = [Workload("long", seed=5).prompt(i) for i in range(300)]
+    sizes = sorted(p.num_estimated_tokens for p in prompts)
+    assert all(p.category == "long" and p.max_tokens == 64 for p in prompts)
+    assert 80 <= sizes[0] <= 200 and 1700 <= sizes[-1] <= 1800, (sizes[0], sizes[-1])
+    assert 850 <= sum(sizes) / len(sizes) <= 1050  # ~800 real tokens on average
+    assert sum(n < 600 for n in sizes) > 50 and sum(n > 1300 for n in sizes) > 50  # spread, not clustered
 
 
 def test_mixed_profile_sends_both_kinds():
@@ -307,7 +317,7 @@ def test_unreachable_server_exits_non_zero_with_a_clear_message(tmp_path):
 
 @pytest.mark.integration  # runs locust
 @pytest.mark.parametrize("args, message", [
-    (["--profile", "nope"], "unknown profile 'nope'; choose one of chat, rag, mixed, prefix, jsonl"),
+    (["--profile", "nope"], "unknown profile 'nope'; choose one of chat, rag, mixed, long, prefix, jsonl"),
     (["--request-rate", "-1"], "argument --request-rate: must be >= 0, got -1"),
     (["--prompts-file", "/nonexistent/prompts.jsonl"], "prompts file not found: /nonexistent/prompts.jsonl"),
     (["--slo-tpot-s", "0"], "argument --slo-tpot-s: must be > 0, got 0"),

@@ -23,7 +23,7 @@ from ..outcomes import Failure, Route, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply
 from ..roles import deployments_of
 from ..routing import CircuitBreaker, ReplicaLoad, RouteRequest, decide_prefill
-from ..routing.elastic import ElasticLimits, choose_pair
+from ..routing.elastic import ElasticLimits, Observed, choose_pair
 from ..routing.ledger import Ledger
 from ..settings import PDServeSettings
 from .attempts import Pool
@@ -65,8 +65,10 @@ class Orchestrator:
             min_remote_prefill_tokens=r.min_remote_prefill_tokens,
             max_streams_per_engine=(r.elastic_max_streams_per_engine
                                     or settings.elastic.engine_for(settings.engine).max_num_seqs),
-            pack_itl_fraction=r.elastic_pack_itl_fraction,
+            pack_itl_fraction=r.elastic_pack_itl_fraction, max_pull_wait_s=r.elastic_max_pull_wait_s,
+            stall_budget_share=r.elastic_stall_budget_share,
         ) if self.elastic else None
+        self.observed = Observed()
         prefill_name, decode_name = deployments_of(settings.mode)
         for handle, name in ((prefill, prefill_name), (decode, decode_name)):
             wired = getattr(handle, "deployment_name", name)  # a Serve handle knows its deployment; fakes need not
@@ -103,6 +105,14 @@ class Orchestrator:
             async with contextlib.aclosing(self.decode.relay(started, trace)) as relay:  # closed with this one
                 async for item in relay:
                     yield item
+            self._observe_output(started, trace)
+
+    def _observe_output(self, started: DecodeStream, trace: Trace) -> None:
+        """The output length, for the streams' stall budgets (elastic predictions)."""
+        if isinstance(started.first, JsonReply):
+            self.observed.record_output(int((started.first.body.get("usage") or {}).get("completion_tokens") or 0))
+        else:
+            self.observed.record_output(len(trace.token_gaps_s) + 1)
 
     async def _start_decode(self, req: ClientRequest, handoff: Handoff | None, route: RouteRequest,
                             trace: Trace) -> DecodeStream | ErrorReply:
@@ -143,8 +153,9 @@ class Orchestrator:
         """The (prefill, decode) pair from one pool (routing/elastic.py). The prefill phase may retry on any engine
         but the decode one: prefilling there is the local fallback."""
         view = self.decode.pool.view() or {}
-        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s,
-                               self.elastic_limits, exclude=self.decode.pool.breaker.excluded())
+        limits = replace(self.elastic_limits, mean_output_tokens=self.observed.mean_output_tokens)
+        decision = choose_pair(route.num_prompt_tokens, self.ledger.loads(view), self.prefill.tokens_per_s, limits,
+                               exclude=self.decode.pool.breaker.excluded())
         trace.route, trace.reason = decision.route, decision.reason
         decode_route = replace(route, target=decision.decode)
         if decision.prefill is None:

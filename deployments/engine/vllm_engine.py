@@ -361,7 +361,13 @@ class VLLMEngine:
                 "num_waiting": int(v.get("vllm:num_requests_waiting", 0)),
                 "kv_cache_usage": float(v.get("vllm:kv_cache_usage_perc", 0.0)),
                 "itl_s": self._itl.update(v.get("vllm:inter_token_latency_seconds_sum", 0.0),
-                                          v.get("vllm:inter_token_latency_seconds_count", 0.0))}
+                                          v.get("vllm:inter_token_latency_seconds_count", 0.0)),
+                "kv_pull_tokens_per_s": self._pull_tokens_per_s()}
+
+    def _pull_tokens_per_s(self) -> float:
+        """The KV pull speed NIXL measured on this engine, in prompt tokens per second (0: no pull yet)."""
+        bytes_per_s = getattr(self._client, "bytes_per_s", None) or 0.0
+        return bytes_per_s / max(1, getattr(self, "kv_bytes_per_token", 0)) if bytes_per_s else 0.0
 
     def stats(self, replica: str, node: str = "") -> EngineStats:
         """Sum of each ``vllm:*`` sample of this process's Prometheus registry (the engine's own stat logger)."""

@@ -17,12 +17,16 @@ tokens it already holds, at the measured prefill speed.
    prefilled where they stall no one: the pool drifts into static PD's shape while the load calls for it, and
    spreads out when one engine is full.
 2. A short prompt is served whole by that decode engine D.
-3. For a long one, the prefill engine P is the one whose decoding streams suffer least: the fewest, then the
-   earliest done (and with KV room to hold the hand-off). D is chosen as in 1 among the others.
-4. The request is served whole (no transfer) when no prefill anywhere stalls a stream (no engine decodes: the
-   sooner of P and D), when D is full (P takes the stream), when the stall on D (its done) stays within the ITL
-   target, when P has as many decoding streams as D, or when P would finish neither sooner than D nor within the
-   TTFT target (D). Otherwise P prefills and D pulls the KV.
+3. For a long one, every option is predicted (``_Predict``): its TTFT (the prefill work each engine already holds,
+   this prefill at the measured speed, and for a hand-off the measured pull time, which starts only once the decode
+   engine is done with its own prefill work) and the decoding streams its prefill stalls past their budget (the
+   ITL target, or a share of a stream's measured slack). The options: the packed engine D serving it whole; one of
+   the quietest engines prefilling (fewest decoding streams, soonest done, KV room to hold the hand-off) for D or
+   the next decode engines; the quietest engine taking it whole. A hand-off never goes to an engine busy with its
+   own prefill work past ``max_pull_wait_s``: the pull would wait behind it.
+4. The option with the fewest predicted misses (a TTFT past the target; each stream stalled past its budget) wins;
+   at equal misses, in the order above (no transfer over a transfer, packed streams over spread ones), then the
+   sooner first token. When no engine decodes anything, the one done soonest serves it whole.
 """
 
 from __future__ import annotations
@@ -52,6 +56,40 @@ class ElasticLimits:
     max_streams_per_engine: int = 8  # streams packed onto one engine before the next one takes streams
     pack_itl_fraction: float = 0.6  # nor once its streams' measured ITL reaches this fraction of the ITL target
     max_kv_cache_usage: float = 0.9  # a prefill engine must have room to hold the KV until it is pulled
+    max_pull_wait_s: float = 0.5  # no hand-off to an engine busy prefilling longer than this: the pull would wait
+    # A stream's stall budget: the stall it absorbs and still meets the ITL (TPOT) target, from its engine's measured
+    # ITL, the mean output length and this share of the slack (streams live through several stalls); at least the
+    # ITL target itself. With no output length measured yet, the ITL target alone.
+    mean_output_tokens: float = 0.0
+    stall_budget_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to serve the request, with what it is predicted to cost."""
+
+    decode: str
+    prefill: str | None  # None: the decode engine prefills itself
+    ttft_s: float  # predicted time to first token: queued prefill work, this prefill, the pull
+    stalled: int  # decoding streams whose stall passes their budget
+    ttft_miss: bool
+
+    @property
+    def misses(self) -> int:
+        return self.stalled + self.ttft_miss
+
+
+@dataclass
+class Observed:
+    """What the ingress measures on its own requests for the predictions: the mean output length (a moving
+    average of what its requests streamed)."""
+
+    mean_output_tokens: float = 0.0
+
+    def record_output(self, num_tokens: int, weight: float = 0.2) -> None:
+        if num_tokens > 0:
+            mean = self.mean_output_tokens
+            self.mean_output_tokens = num_tokens if mean == 0.0 else (1 - weight) * mean + weight * num_tokens
 
 
 def _streams(load: ReplicaLoad) -> int:
@@ -59,16 +97,56 @@ def _streams(load: ReplicaLoad) -> int:
     return load.num_running + load.num_waiting
 
 
+class _Predict:
+    """What each option costs, from the engines' loads and the measured prefill and transfer speeds."""
+
+    def __init__(self, num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens_per_s: float,
+                 transfer_s: float, limits: ElasticLimits):
+        self.n, self.loads, self.speed, self.transfer_s, self.limits = num_prompt_tokens, loads, tokens_per_s, \
+            transfer_s, limits
+
+    def busy_s(self, r: str) -> float:
+        """How long the engine is busy with the prefill work it already holds."""
+        return self.loads[r].num_outstanding_prompt_tokens / self.speed
+
+    def done_s(self, r: str) -> float:
+        """When the engine would finish this prompt's prefill, behind the work it holds."""
+        return self.busy_s(r) + self.n / self.speed
+
+    def stall_budget_s(self, r: str) -> float:
+        lim = self.limits
+        slack = max(0.0, lim.itl_target_s - self.loads[r].itl_s) * lim.mean_output_tokens * lim.stall_budget_share
+        return max(lim.itl_target_s, slack)
+
+    def stalled(self, r: str) -> int:
+        """Decoding streams on ``r`` that a prefill of this prompt there stalls past their budget."""
+        return self.loads[r].num_running if self.n / self.speed > self.stall_budget_s(r) else 0
+
+    def whole(self, r: str) -> Option:
+        ttft = self.done_s(r)
+        return Option(r, None, ttft, self.stalled(r), ttft > self.limits.ttft_target_s)
+
+    def pull_s(self, decode: str) -> float:
+        """The pull's time at the decode engine's own measured pull speed (NIXL's bytes over transfer time; no
+        handshake or queue in it); before it measured any, ``transfer_s``."""
+        speed = self.loads[decode].kv_pull_tokens_per_s
+        return self.n / speed if speed > 0 else self.transfer_s
+
+    def pair(self, prefill: str, decode: str) -> Option:
+        """The pull starts when the prefill is done and the decode engine has finished its own prefill work."""
+        ttft = max(self.done_s(prefill), self.busy_s(decode)) + self.pull_s(decode)
+        return Option(decode, prefill, ttft, self.stalled(prefill), ttft > self.limits.ttft_target_s)
+
+
 def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens_per_s: float,
-                limits: ElasticLimits, exclude: Iterable[str] = ()) -> PairDecision:
-    """The (prefill, decode) pair for one request; see the module's docstring for the rule."""
+                limits: ElasticLimits, exclude: Iterable[str] = (), transfer_s: float = 0.0) -> PairDecision:
+    """The (prefill, decode) pair for one request; see the module's docstring for the rule. ``transfer_s``: the
+    pull time assumed for a decode engine that has not measured its own pulls yet."""
     excluded = frozenset(exclude)
     eligible = sorted(r for r in loads if r not in excluded)
     if not eligible:
         return PairDecision(Route.LOCAL_PREFILL, RouteReason.PREFILL_UNAVAILABLE, None)
-
-    def done_s(r: str) -> float:
-        return (loads[r].num_outstanding_prompt_tokens + num_prompt_tokens) / tokens_per_s
+    predict = _Predict(num_prompt_tokens, loads, tokens_per_s, transfer_s, limits)
 
     def kv_room(r: str) -> bool:  # KV cache left to hold a hand-off or another stream
         return loads[r].kv_cache_usage < limits.max_kv_cache_usage
@@ -83,25 +161,56 @@ def choose_pair(num_prompt_tokens: int, loads: Mapping[str, ReplicaLoad], tokens
     def whole(engine: str, reason: RouteReason) -> PairDecision:
         return PairDecision(Route.LOCAL_PREFILL, reason, engine)
 
+    packed = min(eligible, key=pack_rank)
     if num_prompt_tokens < limits.min_remote_prefill_tokens:
-        return whole(min(eligible, key=pack_rank), RouteReason.SHORT_PROMPT)
+        return whole(packed, RouteReason.SHORT_PROMPT)
     with_room = [r for r in eligible if kv_room(r)]
     if not with_room:  # no engine can hold a hand-off: the best decode engine does it all
-        return whole(min(eligible, key=pack_rank), RouteReason.PREFILL_UNAVAILABLE)
-    prefill = min(with_room, key=lambda r: (loads[r].num_running, done_s(r), r))
-    others = [r for r in eligible if r != prefill]
-    if not others:
-        return whole(prefill, RouteReason.PREFILL_UNAVAILABLE)
-    decode = min(others, key=pack_rank)
-    if loads[decode].num_running == 0:  # D stalls no one: it serves the request whole, or P if P is sooner
-        sooner = prefill if loads[prefill].num_running == 0 and done_s(prefill) < done_s(decode) else decode
-        return whole(sooner, RouteReason.NO_STREAMS_TO_STALL)
-    if full(decode):
-        return whole(prefill, RouteReason.BALANCE_STREAMS)
-    if done_s(decode) <= limits.itl_target_s:
-        return whole(decode, RouteReason.STALL_WITHIN_SLO)
-    if loads[prefill].num_running >= loads[decode].num_running:
-        return whole(decode, RouteReason.NO_QUIETER_ENGINE)
-    if done_s(prefill) > max(done_s(decode), limits.ttft_target_s):
-        return whole(decode, RouteReason.PREFILL_OVERLOADED)
-    return PairDecision(Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, decode, prefill)
+        return whole(packed, RouteReason.PREFILL_UNAVAILABLE)
+    if len(eligible) == 1:
+        return whole(packed, RouteReason.PREFILL_UNAVAILABLE)
+    if all(loads[r].num_running == 0 for r in eligible):  # no stream to stall anywhere: the soonest done, whole
+        return whole(min(with_room, key=lambda r: (predict.done_s(r), pack_rank(r))), RouteReason.NO_STREAMS_TO_STALL)
+    return _decide(predict, eligible, with_room, full, pack_rank)
+
+
+def _decide(predict: _Predict, eligible: list[str], with_room: list[str], full, pack_rank) -> PairDecision:
+    """Where a long prompt's prefill stalls streams: the option with the fewest predicted misses (a TTFT past its
+    target; decoding streams stalled past their budget), preferring, at equal misses, the packed decode engine
+    serving it whole, then a hand-off to it, then a hand-off to the next decode engine, then the quietest engine
+    taking the stream whole; then the sooner first token."""
+    loads, limits = predict.loads, predict.limits
+    decoders = sorted((r for r in eligible if not full(r)), key=pack_rank)
+    quiet = sorted(with_room, key=lambda r: (loads[r].num_running, predict.done_s(r), r))
+    ranked: list[tuple[Option, int]] = []
+    if decoders:
+        ranked.append((predict.whole(decoders[0]), 0))
+    for rank, decode in enumerate(decoders[:3], start=1):
+        if predict.busy_s(decode) <= limits.max_pull_wait_s:  # never a pull waiting behind a local prefill
+            ranked += [(predict.pair(p, decode), rank) for p in quiet[:3] if p != decode]
+    balance = next((r for r in quiet if r not in decoders[:1]), None)
+    if balance is not None:
+        ranked.append((predict.whole(balance), 4))
+    best, _ = min(ranked, key=lambda o: (o[0].misses, o[1], o[0].ttft_s))
+    if best.prefill is not None:
+        reason = RouteReason.ITL_PROTECTED if predict.stalled(best.decode) else RouteReason.TTFT_PROTECTED
+        return PairDecision(Route.DISAGGREGATED, reason, best.decode, best.prefill)
+    packed = decoders[0] if decoders else None
+    return PairDecision(Route.LOCAL_PREFILL, _why_whole(best, ranked, predict, full, packed), best.decode)
+
+
+def _why_whole(best: Option, ranked: list[tuple[Option, int]], predict: _Predict, full, packed: str | None
+               ) -> RouteReason:
+    loads, limits = predict.loads, predict.limits
+    if packed is not None and predict.busy_s(packed) > limits.max_pull_wait_s and (best.decode != packed
+                                                                                  or best.misses):
+        return RouteReason.PULL_WOULD_WAIT  # a hand-off to the packed engine was no option: its pull would wait
+    if best.misses == 0:
+        return RouteReason.STALL_WITHIN_SLO if loads[best.decode].num_running else RouteReason.NO_STREAMS_TO_STALL
+    if best.decode != packed or any(full(r) and loads[r].num_running >= loads[best.decode].num_running
+                                    for r in loads if r != best.decode):
+        return RouteReason.BALANCE_STREAMS
+    pairs = [o for o, _ in ranked if o.prefill is not None]
+    if pairs and min(loads[o.prefill].num_running for o in pairs) >= loads[best.decode].num_running:
+        return RouteReason.NO_QUIETER_ENGINE
+    return RouteReason.PREFILL_OVERLOADED

@@ -26,6 +26,7 @@ class ReplicaLoad:
     kv_cache_usage: float = 0.0  # 0..1
     num_outstanding_prompt_tokens: int = 0  # prompt tokens accepted but not yet prefilled
     itl_s: float = 0.0  # mean gap between the output tokens it streamed in the last report period (0: none)
+    kv_pull_tokens_per_s: float = 0.0  # how fast it pulls prompt KV from other engines, as NIXL measured it (0: never)
 
     @classmethod
     def from_stats(cls, stats: dict | None) -> ReplicaLoad:

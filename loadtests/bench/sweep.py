@@ -6,7 +6,7 @@ pdserve elastic, pdserve colocated (one engine on both cores, and two one-core e
 routing), pdserve static PD, and Ray Serve LLM's ``build_pd_openai_app`` as shipped and with pdserve's NIXL
 idle-spin fix (loadtests/bench/peer.py).
 
-    python -m loadtests.bench --profiles mixed,rag,chat --duration-s 60 --out bench-results      (or: make bench)
+    python -m loadtests.bench --profiles mixed,rag,chat,long --duration-s 60 --out bench-results      (or: make bench)
 
 Prints and writes, per profile (``<out>/<profile>/bench.md``, ``bench.json``, ``attainment.png``), a table of
 goodput, SLO attainment, p50/p99 TTFT, p99 ITL and throughput per setup, pdserve elastic's ratios to each other
@@ -271,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS), help="comma-separated, run in this order, of: "
                    + ", ".join(SETUPS) + " (run the colocated setups first: the best one's goodput rate is run by "
                    "every later setup)")
-    p.add_argument("--profiles", default="mixed,rag,chat", help="workload profiles (loadtests/locust/workloads.py)")
+    p.add_argument("--profiles", default="mixed,rag,chat,long",
+                   help="workload profiles (loadtests/locust/workloads.py)")
     # defaults sized for one run of every setup in about 70 minutes on two cores (docs/benchmarks.md)
     p.add_argument("--duration-s", type=float, default=25, help="seconds per rate")
     p.add_argument("--start-rps", type=float, default=0.3, help="first rate of the sweep")

@@ -8,6 +8,9 @@ Profiles:
 - ``chat``: short prompts (16-160 tokens), medium answers (64-256 tokens);
 - ``rag``: long prompts (1,200-1,900 tokens of documents and a question), short answers (16-64 tokens);
 - ``mixed``: chat and rag requests at once (``rag_share`` of them rag): long prefills interfere with decodes;
+- ``long``: prompts spread evenly over ~80-1,500 real tokens (mean ~800), answers of 64 tokens: every request
+  but the shortest is a long prefill, as in ``vllm bench serve``'s random dataset at those sizes; where elastic
+  roles pull KV onto engines that also prefill locally;
 - ``prefix``: requests sharing one of ``num_prefixes`` long prefixes (1,200-1,500 tokens), each with its own
   short question, answers of 32-128 tokens;
 - ``jsonl``: the prompts of a user-supplied file, in order, cycled.
@@ -21,15 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHARS_PER_TOKEN = 4
-PROFILES = ("chat", "rag", "mixed", "prefix", "jsonl")
+PROFILES = ("chat", "rag", "mixed", "long", "prefix", "jsonl")
 ENDPOINTS = ("chat", "completions", "both")
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 TEMPLATE_MARGIN_TOKENS = 64  # chat template and tokenizer slack kept free below max_model_len
 DEFAULT_JSONL_MAX_TOKENS = 128
 
 # (min, max) estimated tokens of the prompt and of the answer, per request category.
-PROMPT_TOKENS = {"chat": (16, 160), "rag": (1200, 1900), "prefix_question": (16, 48), "prefix": (1200, 1500)}
-OUTPUT_TOKENS = {"chat": (64, 256), "rag": (16, 64), "prefix": (32, 128)}
+# ``long``: estimated 96-1,800 are ~80-1,500 real tokens (the estimate runs ~17% high on this text).
+PROMPT_TOKENS = {"chat": (16, 160), "rag": (1200, 1900), "long": (96, 1800), "prefix_question": (16, 48),
+                 "prefix": (1200, 1500)}
+OUTPUT_TOKENS = {"chat": (64, 256), "rag": (16, 64), "long": (64, 64), "prefix": (32, 128)}
 
 _NOUNS = ["valve", "pump", "bridge", "river", "station", "engine", "harbour", "library", "orchard", "tower",
           "market", "sensor", "turbine", "village", "glacier", "forest", "railway", "school", "bakery", "clinic"]
@@ -210,6 +215,11 @@ class Workload:
             ask = question(rng)
             context = passage(rng, max(1, size - estimate_tokens(ask) - 4))
             return Prompt("chat", endpoint, f"{context}\n{ask}", max_tokens)
+        if category == "long":
+            lo, hi = PROMPT_TOKENS["long"]
+            ask = f"Question: {question(rng)} Answer in detail."
+            size = self._fit(rng.randint(lo, hi), max_tokens) - estimate_tokens(ask) - 4
+            return Prompt("long", endpoint, f"{passage(rng, max(1, size))}\n\n{ask}", max_tokens)
         if category == "rag":
             lo, hi = PROMPT_TOKENS["rag"]
             ask = f"Question: {question(rng)} Answer briefly."
