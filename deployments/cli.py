@@ -301,15 +301,12 @@ def cmd_down(args) -> int:
         from ray import serve
         from ray.serve.exceptions import RayServeException
 
-        for name in state.get("apps", []):
-            try:
-                serve.delete(name)
-                _say(f"deleted application '{name}'")
-            except TimeoutError as exc:  # a replica slow to stop: the head going down below stops it too
-                _say(f"application '{name}' not deleted yet: {exc}")
-            except RayServeException:  # Serve itself was shut down already (`serve shutdown`): nothing to delete
-                _say(f"application '{name}': Serve is not running")
-                break
+        try:  # every application at once: each one's replicas drain in parallel
+            for name in state.get("apps", []):
+                serve.delete(name, _blocking=False)
+            _wait_deleted(serve, state.get("apps", []))
+        except RayServeException:  # Serve itself was shut down already (`serve shutdown`): nothing to delete
+            _say("Serve is not running")
     except ConnectionError:
         pass
     if state.get("started_head"):
@@ -320,6 +317,19 @@ def cmd_down(args) -> int:
         _say("stopped the local Ray head")
     _state_file().unlink(missing_ok=True)
     return 0
+
+
+def _wait_deleted(serve, names: list[str], timeout_s: float = 120) -> None:
+    """Until Serve no longer lists the applications; past the deadline the head going down stops what is left."""
+    deadline = time.monotonic() + timeout_s
+    left = set(names)
+    while left and time.monotonic() < deadline:
+        left &= set(serve.status().applications)
+        if left:
+            time.sleep(0.5)
+    for name in names:
+        _say(f"application '{name}' " + ("not deleted yet: the head going down stops it" if name in left
+                                         else "deleted"))
 
 
 def cmd_prepare_model(args) -> int:

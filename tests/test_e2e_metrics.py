@@ -153,7 +153,7 @@ def test_promtool_accepts_the_scrape(cluster, prometheus):
 def test_dashboard_queries_name_only_scraped_metrics(cluster, prometheus):
     """Checked while a long request runs: Ray's exporter drops gauges (engine load) that idle engines stop setting."""
     dashboard = json.loads(DASHBOARD.read_text())
-    body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, long_prompt(30)), "max_tokens": 300,
+    body = {"model": cluster.model, "prompt": tagged(uuid.uuid4().hex, long_prompt(30)), "max_tokens": 150,
             "temperature": 0, "ignore_eos": True}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, cluster.pd + "/completions", json=body, timeout=300, headers=AUTH)

@@ -29,9 +29,11 @@ pytestmark = [pytest.mark.cluster,
 MODEL = "smollm2-135m-instruct"
 
 
-def _test_configs(tmp: Path) -> Path:
+def _test_configs(tmp: Path, autoscale: bool) -> Path:
     """The shipped topology and Serve config, in float32 (see conftest), plus a colocated app on the decode node
-    (one engine, one core) as the reference for equal outputs; short pull deadline and breaker cooldown."""
+    (one engine, one core) as the reference for equal outputs; short pull deadline and breaker cooldown.
+    ``autoscale``: both pools scale quickly between 1 and 2 replicas (the autoscaling test, `make test-slow`);
+    otherwise one replica each, so that the fault tests' bursts start no engine on the two shared cores."""
     serve = yaml.safe_load((ROOT / "cluster/multinode-serve.yaml").read_text())
     pd = serve["applications"][0]
     pd["args"]["engine"] |= {"dtype": "float32", "max_num_seqs": 4}
@@ -42,8 +44,9 @@ def _test_configs(tmp: Path) -> Path:
     # Both pools autoscale between 1 and 2 replicas on their own signal, quickly (logical CPUs: 2 per node).
     quick = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
              "look_back_period_s": 4, "metrics_interval_s": 1}
-    pd["args"]["prefill"]["autoscaling"] = quick | {"target_per_replica": 600}
-    pd["args"]["decode"]["autoscaling"] = quick | {"target_per_replica": 2}
+    if autoscale:
+        pd["args"]["prefill"]["autoscaling"] = quick | {"target_per_replica": 600}
+        pd["args"]["decode"]["autoscaling"] = quick | {"target_per_replica": 2}
     (tmp / "serve.yaml").write_text(yaml.safe_dump({"applications": [pd, colo]}))
     topo = yaml.safe_load((ROOT / "cluster/local-multinode.yaml").read_text()) | {"serve_config": "serve.yaml"}
     for node in topo["nodes"]:  # room for the colocated engine beside two decode replicas
@@ -53,9 +56,11 @@ def _test_configs(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
+def nodes(tmp_path_factory, request):
     """{name: (namespace, address)} of a running three-node cluster; removed afterwards (namespaces included)."""
-    path = _test_configs(tmp_path_factory.mktemp("multinode"))
+    autoscale = any(item.get_closest_marker("slow") and item.module.__name__ == __name__
+                    for item in request.session.items)
+    path = _test_configs(tmp_path_factory.mktemp("multinode"), autoscale)
     topo, _ = multinode.load_topology(path)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PDSERVE_API_KEY": API_KEY}
     up = subprocess.run([PDSERVE, "up", "--topology", str(path)], env=env, timeout=1200, capture_output=True,
@@ -253,8 +258,8 @@ def test_cut_link_every_request_answers(nodes, api):
         multinode.cut_link(prefill, decode, cut=False)
     assert [r.status_code for r in resps] == [200] * 6, [r.text for r in resps]
     assert all(r.headers["x-pdserve-route"] == "local_prefill" for r in resps), [dict(r.headers) for r in resps]
-    # The burst scaled the pools up (autoscaling on this module's quick settings): an engine starting and then
-    # draining on two shared cores doubles prefill times for a minute or two. Recovery is checked once they settled.
+    # Where the pools autoscale (`make test-slow`) the burst scaled them up: an engine starting and then draining on
+    # two shared cores doubles prefill times for a minute or two. Recovery is checked once they settled.
     for deployment in ("PrefillServer", "DecodeServer"):
         _wait_replicas(deployment, 1, timeout_s=300, settled=True)
     time.sleep(6)  # breaker cooldown
