@@ -127,9 +127,12 @@ class FakeEngine:
             return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
+    @staticmethod
+    def _usage(num_prompt: int, num_output: int) -> dict:
+        return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output}
+
     def _reply(self, req: PhaseRequest, words: list[str], num_prompt: int) -> dict:
-        usage = {"prompt_tokens": num_prompt, "completion_tokens": len(words),
-                 "total_tokens": num_prompt + len(words)}
+        usage = self._usage(num_prompt, len(words))
         return self._base(req) | {"choices": [self._choice(req, "".join(words), "length")], "usage": usage}
 
     async def _stream(self, req: PhaseRequest, words: list[str], num_prompt: int) -> AsyncIterator[str]:
@@ -141,8 +144,7 @@ class FakeEngine:
                       else {"index": 0, "text": word, "logprobs": None, "finish_reason": finish})
             yield f"data: {json.dumps(head | {'choices': [choice]})}\n\n"
         if (req.body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": num_prompt, "completion_tokens": len(words),
-                     "total_tokens": num_prompt + len(words)}
+            usage = self._usage(num_prompt, len(words))
             yield f"data: {json.dumps(head | {'choices': [], 'usage': usage}, separators=(',', ':'))}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -74,6 +74,17 @@ def test_table_says_when_a_setup_did_not_run_the_reference_rate():
     assert "| pdserve-elastic | 0.300 | not run at 0.200 req/s |" in md
 
 
+def test_attainment_at_every_rate_with_the_hand_offs_transfer_p90():
+    pd = [_run(0.3, 0.88), _run(0.6, 0.5)]
+    pd[0]["latency_s"]["transfer"] = {"count": 12, "p90": 0.2}
+    elastic = [_run(0.3, 0.92)]
+    elastic[0]["latency_s"]["transfer"] = {"count": 0, "p90": None}
+    rows = bench.per_rate({"pdserve-pd": pd, "pdserve-elastic": elastic}).splitlines()
+    assert rows[0] == "| rate (req/s) | pdserve-pd | pdserve-elastic |"
+    assert rows[2] == "| 0.300 | 88%, transfer p90 0.20 s | 92% |"
+    assert rows[3] == "| 0.600 | 50% |  |"  # elastic did not run 0.6 req/s
+
+
 def test_decisions_show_local_and_disaggregated_counts_and_reasons_at_three_rates():
     runs = [_run(r, 1.0) | {"routes": {"local_prefill": 3, "disaggregated": 1},
                             "route_reasons": {"local_prefill/short_prompt": 3, "disaggregated/itl_protected": 1}}

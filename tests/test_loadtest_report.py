@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from loadtests.locust.fake_server import MODEL, FakeOpenAIServer
+from loadtests.locust.fake_server import FAKE_TRANSFER_S, MODEL, FakeOpenAIServer
 from loadtests.locust.report import (
     RequestSample,
     latency_stats,
@@ -282,6 +282,7 @@ def test_stream_request_times_every_token(fake_server, endpoint):
     stream_request(requests.Session(), f"{fake_server.base_url}/v1{path}", body, sample, timeout_s=10,
                    on_token=lambda kind, s: events.append(kind))
     assert sample.ok and sample.route == "disaggregated" and sample.request_id.startswith("fake-")
+    assert sample.transfer_s == FAKE_TRANSFER_S  # pdserve's own timing, from the usage chunk
     assert sample.num_chunks == 6 and sample.num_output_tokens == 6  # the role-only chat chunk is no token
     assert events == ["TTFT"] + ["ITL"] * 5 and len(sample.itl_s) == 5
     assert 0.02 <= sample.ttft_s <= sample.e2e_s and sample.num_prompt_tokens > 0

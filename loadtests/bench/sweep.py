@@ -239,8 +239,25 @@ def decisions(runs: list[dict], num_rates: int = 3) -> str:
     return "\n".join(rows)
 
 
+def per_rate(results: dict[str, list[dict]]) -> str:
+    """SLO attainment of every setup at every rate any of them ran (blank: not run there), and the hand-offs'
+    ``transfer_s`` p90 where requests were disaggregated (pdserve's own timing of each request)."""
+    rates = sorted({r["rate_rps"] for runs in results.values() for r in runs})
+    rows = ["| rate (req/s) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for rate in rates:
+        cells = []
+        for runs in results.values():
+            r = at_rate(runs, rate)
+            transfer = ((r or {}).get("latency_s", {}).get("transfer") or {}) if r else {}
+            p90 = f", transfer p90 {transfer['p90']:.2f} s" if transfer.get("count") else ""
+            cells.append(f"{r['slo_attainment']:.0%}{p90}" if r else "")
+        rows.append(f"| {rate:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def report(results: dict[str, list[dict]], profile: str) -> str:
-    md = [f"### Profile `{profile}`", "", table(results)]
+    md = [f"### Profile `{profile}`", "", table(results), "", "SLO attainment at every rate swept:", "",
+          per_rate(results)]
     best = best_colocated(results)
     if best:
         md += ["", f"Best colocated setup: `{best}` ({goodput(results[best]):.3f} req/s)."]

@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MODEL = "fake-model"
 
 
+FAKE_TRANSFER_S = 0.012  # the KV hand-off time its usage chunk reports (as pdserve_timing does)
+
 class FakeOpenAIHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: FakeOpenAIServer
@@ -77,7 +79,8 @@ class FakeOpenAIHandler(BaseHTTPRequestHandler):
             self._event({"choices": [{"index": 0, "finish_reason": "length" if i == num_tokens - 1 else None} | piece]})
         else:
             self._event({"choices": [], "usage": {"prompt_tokens": max(1, len(prompt) // 4),
-                                                  "completion_tokens": num_tokens}})
+                                                  "completion_tokens": num_tokens},
+                         "pdserve_timing": {"route": "disaggregated", "transfer_s": FAKE_TRANSFER_S}})
             with self.server.lock:
                 self.server.num_completed += 1
         if model != "fail-nodone":

@@ -43,6 +43,7 @@ class RequestSample:
     num_chunks: int = 0
     route: str = ""
     route_reason: str = ""
+    transfer_s: float | None = None  # pdserve's own timing of the KV hand-off (pdserve_timing in the usage chunk)
     request_id: str = ""
     error_kind: str = ""
     error_message: str = ""
@@ -109,7 +110,9 @@ def _metrics(samples: list[RequestSample], duration_s: float, slo_ttft_s: float,
         "latency_s": {"ttft": latency_stats([s.ttft_s for s in ok]),
                       "itl": latency_stats([g for s in ok for g in s.itl_s]),
                       "tpot": latency_stats(tpots),
-                      "e2e": latency_stats([s.e2e_s for s in ok])},
+                      "e2e": latency_stats([s.e2e_s for s in ok]),
+                      "transfer": latency_stats([s.transfer_s for s in ok
+                                                 if s.route == "disaggregated" and s.transfer_s is not None])},
         "errors": dict(Counter(s.error_kind for s in samples if not s.ok).most_common()),
         "routes": dict(Counter(s.route for s in ok if s.route).most_common()),
         "route_reasons": dict(Counter(f"{s.route}/{s.route_reason}" for s in ok if s.route).most_common()),

@@ -118,6 +118,7 @@ def stream_request(session: requests.Session, url: str, body: dict, sample: Requ
                 if event.get("usage"):
                     sample.num_prompt_tokens = int(event["usage"].get("prompt_tokens") or 0)
                     sample.num_output_tokens = int(event["usage"].get("completion_tokens") or 0)
+                    sample.transfer_s = (event.get("pdserve_timing") or {}).get("transfer_s")
                 if chunk_text(event, endpoint):
                     _record_chunk(sample, now, start, last, on_token)
                     last = now
