@@ -60,6 +60,11 @@ class EngineSettings(_Strict):
     )
     max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion, in tokens.")
     max_num_seqs: int = Field(8, ge=1, description="Most sequences one engine runs at once.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Most tokens one engine step computes (vLLM's chunked prefill: a longer prompt is "
+        "prefilled in chunks of this size, each step also advancing the running streams, so a long prefill stalls "
+        "them less at the cost of a slower prefill). None: vLLM's default for the platform."
+    )
     block_size: int | None = Field(
         None, ge=1, description="Tokens per KV cache block; None: the platform's default (CPU needs a multiple of 32)."
     )

@@ -126,6 +126,19 @@ def test_engine_dtype_applies_to_every_engine_of_every_pdserve_setup_and_refuses
         main(["--setups", "pdserve-colocated,rayllm-pd", "--engine-dtype", "float32", "--out", str(tmp_path)])
 
 
+def test_chunked_prefill_size_applies_to_every_engine_of_every_pdserve_setup(tmp_path):
+    from deployments.config import load_serve_config
+    from loadtests.bench.sweep import main
+
+    for setup, (kind, _, _) in SETUPS.items():
+        if kind == "pdserve":
+            [(_, s)] = load_serve_config(_config(setup, tmp_path, batched_tokens=256))
+            pools = [p for p in (s.prefill, s.decode, s.colocated, s.elastic) if p]
+            assert {p.engine_for(s.engine).max_num_batched_tokens for p in pools} == {256}
+    with pytest.raises(SystemExit):
+        main(["--setups", "rayllm-pd", "--max-num-batched-tokens", "256", "--out", str(tmp_path)])
+
+
 @pytest.mark.integration  # imports Ray Serve LLM
 @pytest.mark.parametrize("peer", PEERS)
 def test_peer_config_is_accepted_by_ray_serve_llm_and_uses_the_same_cores(peer):

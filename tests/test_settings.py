@@ -89,8 +89,10 @@ def test_engine_args_carry_kv_roles():
 def test_engine_args_from_settings():
     args = _spec("decode", max_model_len=4096, enforce_eager=False, extra_args=["--seed", "1"]).cli_args()
     assert args[args.index("--max-model-len") + 1] == "4096"
-    assert "--enforce-eager" not in args and "--block-size" not in args
+    assert "--enforce-eager" not in args and "--block-size" not in args and "--max-num-batched-tokens" not in args
     assert args[-2:] == ["--seed", "1"]
+    chunked = _spec("decode", max_num_batched_tokens=256).cli_args()  # chunked prefill in steps of 256 tokens
+    assert chunked[chunked.index("--max-num-batched-tokens") + 1] == "256"
 
 
 HANDOFF = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[3, 4]],

@@ -65,6 +65,8 @@ class EngineSpec:
             args += ["--tensor-parallel-size", str(e.tensor_parallel_size)]
         if e.block_size is not None:
             args += ["--block-size", str(e.block_size)]
+        if e.max_num_batched_tokens is not None:
+            args += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
         if e.enforce_eager:
             args.append("--enforce-eager")
         args.append("--enable-per-request-metrics")  # engine TTFT in non-streaming responses (timing breakdown)

@@ -60,7 +60,7 @@ def _pdserve(*args: str, timeout_s: float = 1200) -> None:
                    env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
-def _config(setup: str, out: Path, engine_dtype: str | None = None) -> Path:
+def _config(setup: str, out: Path, engine_dtype: str | None = None, batched_tokens: int | None = None) -> Path:
     kind, path, edits = SETUPS[setup]
     assert kind == "pdserve", f"{setup} is not started from a pdserve config"
     doc = yaml.safe_load((ROOT / path).read_text())
@@ -69,15 +69,17 @@ def _config(setup: str, out: Path, engine_dtype: str | None = None) -> Path:
         args[key] = args.get(key, {}) | value
     if engine_dtype:
         args["engine"] = args.get("engine", {}) | {"dtype": engine_dtype}
+    if batched_tokens:  # chunked prefill in steps of this many tokens
+        args["engine"] = args.get("engine", {}) | {"max_num_batched_tokens": batched_tokens}
     target = out / f"{setup}.yaml"
     target.write_text(yaml.safe_dump(doc))
     return target
 
 
-def _start(setup: str, out: Path, engine_dtype: str | None = None) -> None:
+def _start(setup: str, out: Path, engine_dtype: str | None = None, batched_tokens: int | None = None) -> None:
     kind, target, _ = SETUPS[setup]
     if kind == "pdserve":
-        _pdserve("up", "--config", str(_config(setup, out, engine_dtype)))
+        _pdserve("up", "--config", str(_config(setup, out, engine_dtype, batched_tokens)))
     else:
         subprocess.run([sys.executable, "-m", "loadtests.bench.peer", "up", "--variant", target], check=True,
                        timeout=1200, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"})
@@ -306,6 +308,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="every pdserve setup's engine.dtype instead of its config's (bfloat16): e.g. float32 on a CPU "
                    "without bf16 instructions (see machine:). The peer runs as shipped: not with peer setups")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="every pdserve setup's engine.max_num_batched_tokens (chunked prefill in steps of this many "
+                   "tokens) instead of vLLM's default")
     p.add_argument("--out", default="bench-results", help="results folder")
     return p
 
@@ -330,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(setups) - set(SETUPS)
     if unknown:
         p.error(f"unknown setup(s): {', '.join(sorted(unknown))}")
-    if args.engine_dtype and set(setups) & set(PEERS):
-        p.error(f"--engine-dtype applies to pdserve setups only; drop {', '.join(sorted(set(setups) & set(PEERS)))}")
+    if (args.engine_dtype or args.max_num_batched_tokens) and set(setups) & set(PEERS):
+        p.error("--engine-dtype and --max-num-batched-tokens apply to pdserve setups only; drop "
+                f"{', '.join(sorted(set(setups) & set(PEERS)))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, list[dict]]] = {profile: {} for profile in profiles}
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"engines as users get them by default: enforce_eager={defaults.enforce_eager} "
          "(engine.enforce_eager; docs/benchmarks.md, compiled vs eager)")
     dtype = f"{args.engine_dtype} (--engine-dtype)" if args.engine_dtype else f"{defaults.dtype} (default)"
-    _say(f"engine dtype: {dtype}")
+    _say(f"engine dtype: {dtype}; max_num_batched_tokens: {args.max_num_batched_tokens or 'vLLM default'}")
     on = machine()
     _say(f"machine: {on}")
     started = time.monotonic()
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"starting {setup} fresh")
         _stop(setup)
         t0 = time.monotonic()
-        _start(setup, out, args.engine_dtype)
+        _start(setup, out, args.engine_dtype, args.max_num_batched_tokens)
         _say(f"{setup} ready in {time.monotonic() - t0:.0f} s")
         try:
             for profile in profiles:
