@@ -375,14 +375,28 @@ def test_every_decode_replica_held_out_by_the_breaker_means_a_named_suspect_that
 
 
 def test_decode_replica_frozen_mid_stream_ends_the_stream_and_counts_against_it():
+    """Past its first token a stream's silence is judged by its replica's measured inter-token latency (20 ms here:
+    probed after 0.4 s), not by decode_probe_interval_s (5 s, for a first token that may wait on a long prefill)."""
     prefill, decode = pools()
     decode.script["d1"] = [STALL_MID_STREAM]
-    ingress = fake_ingress(prefill, decode, PROBED)
+    decode.loads["d1"] = ReplicaLoad(itl_s=0.02)
+    ingress = fake_ingress(prefill, decode, {"routing": PROBED["routing"] | {"decode_probe_interval_s": 5}})
     t0 = time.monotonic()
     with pytest.raises(Unresponsive):
         serve(ingress, SHORT | {"stream": True}, timeout_s=30)
-    assert time.monotonic() - t0 < 0.5
+    assert 0.4 <= time.monotonic() - t0 < 1.5
     assert decode.probes == ["d1"] and ingress.decode.pool.breaker.state("d1") is BreakerState.OPEN
+
+
+def test_stream_idle_timeout_follows_the_measured_inter_token_latency_within_floor_and_cap():
+    prefill, decode = pools()
+    ingress = fake_ingress(prefill, decode, {"routing": FAST["routing"] | {"stream_idle_floor_s": 1.0,
+                                                                          "stream_idle_cap_s": 5.0}})
+    phase = ingress.decode
+    for itl_s, idle_s in ((0.0, 5.0), (0.01, 1.0), (0.1, 2.0), (0.5, 5.0)):  # none measured: the cap
+        decode.loads["d1"] = ReplicaLoad(itl_s=itl_s)
+        assert phase.stream_idle_s("d1") == pytest.approx(idle_s), itl_s
+    assert phase.stream_idle_s(None) == 5.0  # replica unknown
 
 
 def test_decode_client_error_goes_to_the_client_once():

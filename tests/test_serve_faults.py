@@ -43,7 +43,7 @@ pytestmark = pytest.mark.serve_tier
 
 # Short deadlines, probes and cooldowns: the rules are the ones of the real tier, the waits are seconds.
 FAKE_ROUTING = {"kv_pull_timeout_s": 4, "breaker_cooldown_s": 3, "max_queued_requests": 8,
-                "decode_probe_interval_s": 1.0, "replica_probe_timeout_s": 0.5}
+                "decode_probe_interval_s": 1.0, "replica_probe_timeout_s": 0.5, "stream_idle_cap_s": 2.0}
 ROUTING = RoutingSettings(**FAKE_ROUTING)
 # Serve's health check: a frozen replica is replaced after period + timeout (~22 s), after the freeze tests ran.
 HEALTH_CHECK = {"health_check_period_s": 2, "health_check_timeout_s": 20}
@@ -250,7 +250,7 @@ def test_frozen_decode_replica_before_first_token_hangs_no_request(cluster):
 
 
 def test_decode_replica_frozen_mid_stream_ends_the_stream_cleanly(cluster):
-    probe_s = ROUTING.decode_probe_interval_s + ROUTING.replica_probe_timeout_s
+    probe_s = ROUTING.stream_idle_cap_s + ROUTING.replica_probe_timeout_s  # silence past the first token
     time.sleep(ROUTING.breaker_cooldown_s)  # the last test's frozen replica is back in rotation
     frozen: list = []
 

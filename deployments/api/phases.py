@@ -34,7 +34,7 @@ from ..kv import Handoff, PhaseRequest, decode_request, prefill_request
 from ..metrics import metrics
 from ..outcomes import Failure, Phase, RouteReason
 from ..replies import ErrorReply, HandoffFailed, JsonReply, PrefillReply, PullRecomputed, ReplicaTag
-from ..routing import RouteRequest
+from ..routing import ReplicaLoad, RouteRequest
 from ..settings import RoutingSettings
 from .attempts import AttemptResult, Pool, Verdict, run_attempts
 from .requests import ClientRequest
@@ -46,6 +46,11 @@ logger = logging.getLogger("ray.serve.pdserve.phases")  # under Serve's logger: 
 # vLLM's parameter names for a refusal of the prompt itself (too long: by its characters before tokenizing, or by
 # its tokens), whatever else the request says: the prefill-only copy's refusal is the client's answer.
 PROMPT_PARAMS = frozenset({"input_text", "input_tokens"})
+
+
+# A stream past its first token is probed after this many of its replica's measured inter-token latencies of silence
+# (within routing.stream_idle_floor_s and stream_idle_cap_s).
+STREAM_IDLE_ITL_FACTOR = 20
 
 
 class Overloaded(Exception):
@@ -308,14 +313,24 @@ class DecodePhase:
                                  replica=tag.replica)
         return AttemptResult(Verdict.DONE, value=DecodeStream(first, stream, route.target), replica=tag.replica)
 
-    async def _next(self, stream: Any, replica: str | None, trace: Trace) -> Any:
+    def stream_idle_s(self, replica: str | None) -> float:
+        """How long a stream past its first token may stay silent before its replica is probed: a multiple of the
+        replica's measured inter-token latency, within the settings' floor and cap."""
+        itl_s = (self.pool.view() or {}).get(replica, ReplicaLoad()).itl_s if replica else 0.0
+        s = self.settings
+        return min(s.stream_idle_cap_s, max(s.stream_idle_floor_s, STREAM_IDLE_ITL_FACTOR * itl_s)) if itl_s > 0 \
+            else s.stream_idle_cap_s
+
+    async def _next(self, stream: Any, replica: str | None, trace: Trace, idle_s: float | None = None) -> Any:
         """The stream's next item, within the request's deadline (else TimeoutError). While the stream is silent its
-        replica is asked directly, every ``decode_probe_interval_s``, whether it is alive: one that answers is busy
-        (a long prefill, a queue) and is waited for; one that does not is frozen or cut off (``Unresponsive``)."""
+        replica is asked directly, every ``idle_s`` (``decode_probe_interval_s`` before the first token), whether it
+        is alive: one that answers is busy (a long prefill, a queue) and is waited for; one that does not is frozen
+        or cut off (``Unresponsive``)."""
+        idle_s = idle_s or self.settings.decode_probe_interval_s
         pending = asyncio.ensure_future(anext(stream))
         try:
             while True:
-                wait_s = min(trace.remaining_s(), self.settings.decode_probe_interval_s)
+                wait_s = min(trace.remaining_s(), idle_s)
                 done, _ = await asyncio.wait({pending}, timeout=max(wait_s, 0))
                 if done:
                     return pending.result()
@@ -326,7 +341,7 @@ class DecodePhase:
                 if silent is not None and not pending.done():
                     logger.warning("%s: decode on %s silent for %.1f s and %s did not answer a probe in %.1f s: "
                                    "frozen or cut off", trace.request_id, replica or "a replica Serve's router chose",
-                                   self.settings.decode_probe_interval_s, silent, time.monotonic() - probed_at)
+                                   idle_s, silent, time.monotonic() - probed_at)
                     raise Unresponsive(silent)
         finally:
             pending.cancel()  # a no-op when it finished
@@ -348,7 +363,8 @@ class DecodePhase:
             yield started.first
             while True:
                 try:
-                    item = await self._next(started.rest, trace.decode_replica, trace)
+                    item = await self._next(started.rest, trace.decode_replica, trace,
+                                            self.stream_idle_s(trace.decode_replica))
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

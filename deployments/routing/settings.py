@@ -51,6 +51,14 @@ class RoutingSettings(BaseModel):
         "before its replica is probed, and then between probes. A replica that does not answer is frozen or cut off: "
         "before the first token the request is retried on another replica, after it the stream ends with an error."
     )
+    stream_idle_floor_s: float = Field(
+        1.0, gt=0, description="After a stream's first token, how long it may stay silent before its replica is "
+        "probed is 20 times the replica's measured inter-token latency, at least this ..."
+    )
+    stream_idle_cap_s: float = Field(
+        5.0, gt=0, description="... and at most this (also where no inter-token latency was measured yet): a frozen "
+        "decode replica is found within seconds of its last token, not at the request's deadline."
+    )
     kv_pull_timeout_s: float = Field(
         10, gt=0, description="Upper bound of the deadline for a decode engine to pull the KV and produce its first "
         "token; then the decode request is aborted and retried with a local prefill. The deadline itself is "
