@@ -152,12 +152,11 @@ def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reporte
     assert (loads["a"].num_running, loads["a"].num_outstanding_prompt_tokens, loads["a"].kv_cache_usage) == (2, 1500,
                                                                                                            0.3)
     assert (loads["b"].num_running, loads["b"].num_outstanding_prompt_tokens) == (0, 0)
-    # the fresh bookings make b the quiet engine; a (packed) would decode, but it is still prefilling 1500 tokens
-    # (1.5 s): a pull would wait behind that, so b serves the prompt whole. Once a is done, b prefills, a decodes.
-    assert pair(choose_pair(1000, loads, SPEED, LIMITS)) == (Route.LOCAL_PREFILL, RouteReason.PULL_WOULD_WAIT,
-                                                             None, "b")
-    assert pair(choose_pair(1000, ledger.loads({"a": load(kv=0.3), "b": load()}) | {"a": load(running=2)}, SPEED,
-                            LIMITS))[2:] == ("b", "a")
+    # the fresh bookings make b the quiet engine: it prefills the next long prompt, a (packed) decodes it, its pull
+    # waiting for a's 1500 queued tokens (1.5 s, within the TTFT target); past the target b would serve it whole
+    assert pair(choose_pair(1000, loads, SPEED, LIMITS))[2:] == ("b", "a")
+    late = loads | {"a": replace(loads["a"], num_outstanding_prompt_tokens=4500)}
+    assert pair(choose_pair(1000, late, SPEED, LIMITS))[1:] == (RouteReason.PULL_WOULD_WAIT, None, "b")
     ledger.add("a", streams=1, waiting=1)  # a third stream, before its first token
     assert (ledger.loads({"a": load()})["a"].num_running, ledger.loads({"a": load()})["a"].num_waiting) == (2, 1)
     ledger.add("a", streams=-3, waiting=-1, prompt_tokens=-1500)
@@ -168,19 +167,24 @@ def test_ledger_counts_streams_and_prompt_tokens_as_sent_and_kv_usage_as_reporte
 
 # ---- predictions: TTFT, stalls, pulls that would wait (issue: elastic at least as good as its static shapes) ----
 
-def test_no_hand_off_to_a_decode_engine_busy_with_its_own_prefill():
-    """a decodes 3 streams and is prefilling another 2000 tokens (2 s): a pull to a would wait behind that. The old
-    rule sent the hand-off there anyway (measured: pulls p90 3.2 s). Now b, idle, serves the prompt whole; with a
-    third engine c decoding and free of prefill work, b prefills and c pulls."""
-    busy = {"a": load(running=3, tokens=2000), "b": load()}
+def test_no_hand_off_to_a_decode_engine_busy_with_its_own_prefill_past_the_ttft_target():
+    """a decodes 3 streams and is prefilling another 4500 tokens (4.5 s): a pull to a would wait behind that, past
+    what this prompt's 1 s prefill leaves of the 5 s TTFT target (the old rule sent the hand-off there anyway;
+    measured: pulls p90 3.2 s). b, idle, serves the prompt whole; with a third engine c decoding and free of
+    prefill work, b prefills and c pulls. Behind 2000 tokens (2 s) the first token still comes in time: b
+    prefills, a pulls, and the streams stay packed on a (refusing every wait spreads them over both engines,
+    where each one's local prefills stall the other's: run K)."""
+    busy = {"a": load(running=3, tokens=4500), "b": load()}
     assert pair(choose_pair(1000, busy, SPEED, LIMITS)) == (Route.LOCAL_PREFILL, RouteReason.PULL_WOULD_WAIT,
                                                             None, "b")
     three = busy | {"c": load(running=2)}
     assert pair(choose_pair(1000, three, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b",
                                                              "c")
-    # at 400 queued tokens (0.4 s, within max_pull_wait_s) the pull may wait that long: b prefills for a
-    near = {"a": load(running=3, tokens=400), "b": load()}
-    assert pair(choose_pair(1000, near, SPEED, LIMITS))[2:] == ("b", "a")
+    near = {"a": load(running=3, tokens=2000), "b": load()}
+    assert pair(choose_pair(1000, near, SPEED, LIMITS)) == (Route.DISAGGREGATED, RouteReason.ITL_PROTECTED, "b", "a")
+    strict = replace(LIMITS, max_pull_wait_s=0.5)  # routing.elastic_max_pull_wait_s: a fixed bound instead
+    assert pair(choose_pair(1000, near, SPEED, strict)) == (Route.LOCAL_PREFILL, RouteReason.PULL_WOULD_WAIT, None,
+                                                            "b")
 
 
 def test_of_several_prefill_engines_the_one_with_the_soonest_first_token_is_chosen():

@@ -23,7 +23,9 @@ tokens it already holds, at the measured prefill speed.
    ITL target, or a share of a stream's measured slack). The options: the packed engine D serving it whole; one of
    the quietest engines prefilling (fewest decoding streams, soonest done, KV room to hold the hand-off) for D or
    the next decode engines; the quietest engine taking it whole. A hand-off never goes to an engine busy with its
-   own prefill work past ``max_pull_wait_s``: the pull would wait behind it.
+   own prefill work past the pull's share of the TTFT target (what this prompt's prefill and pull leave of it; or
+   ``max_pull_wait_s`` where set): the pull would wait behind it. (Refusing every wait spreads streams over
+   both engines under load, where each one's local prefills then stall the other's streams: measured, run K.)
 4. The option with the fewest predicted misses (a TTFT past the target; each stream stalled past its budget) wins;
    at equal misses, in the order above (no transfer over a transfer, packed streams over spread ones), then the
    sooner first token. When no engine decodes anything, the one done soonest serves it whole.
@@ -56,7 +58,9 @@ class ElasticLimits:
     max_streams_per_engine: int = 8  # streams packed onto one engine before the next one takes streams
     pack_itl_fraction: float = 0.6  # nor once its streams' measured ITL reaches this fraction of the ITL target
     max_kv_cache_usage: float = 0.9  # a prefill engine must have room to hold the KV until it is pulled
-    max_pull_wait_s: float = 0.5  # no hand-off to an engine busy prefilling longer than this: the pull would wait
+    # No hand-off to an engine busy prefilling longer than this (None: the TTFT target less this prompt's prefill
+    # and pull): the pull would wait behind it.
+    max_pull_wait_s: float | None = None
     # A stream's stall budget: the stall it absorbs and still meets the ITL (TPOT) target, from its engine's measured
     # ITL, the mean output length and this share of the slack (streams live through several stalls); at least the
     # ITL target itself. With no output length measured yet, the ITL target alone.
@@ -126,6 +130,14 @@ class _Predict:
         ttft = self.done_s(r)
         return Option(r, None, ttft, self.stalled(r), ttft > self.limits.ttft_target_s)
 
+    def pull_may_wait(self, decode: str) -> bool:
+        """Whether a pull to ``decode`` may wait for its own prefill work: within ``max_pull_wait_s``, or where that
+        is unset, within what this prompt's prefill and pull leave of the TTFT target."""
+        limit = self.limits.max_pull_wait_s
+        if limit is None:
+            limit = self.limits.ttft_target_s - self.n / self.speed - self.pull_s(decode)
+        return self.busy_s(decode) <= limit
+
     def pull_s(self, decode: str) -> float:
         """The pull's time at the decode engine's own measured pull speed (NIXL's bytes over transfer time; no
         handshake or queue in it); before it measured any, ``transfer_s``."""
@@ -179,14 +191,14 @@ def _decide(predict: _Predict, eligible: list[str], with_room: list[str], full, 
     target; decoding streams stalled past their budget), preferring, at equal misses, the packed decode engine
     serving it whole, then a hand-off to it, then a hand-off to the next decode engine, then the quietest engine
     taking the stream whole; then the sooner first token."""
-    loads, limits = predict.loads, predict.limits
+    loads = predict.loads
     decoders = sorted((r for r in eligible if not full(r)), key=pack_rank)
     quiet = sorted(with_room, key=lambda r: (loads[r].num_running, predict.done_s(r), r))
     ranked: list[tuple[Option, int]] = []
     if decoders:
         ranked.append((predict.whole(decoders[0]), 0))
     for rank, decode in enumerate(decoders[:3], start=1):
-        if predict.busy_s(decode) <= limits.max_pull_wait_s:  # never a pull waiting behind a local prefill
+        if predict.pull_may_wait(decode):  # never a pull waiting long behind a local prefill
             ranked += [(predict.pair(p, decode), rank) for p in quiet[:3] if p != decode]
     balance = next((r for r in quiet if r not in decoders[:1]), None)
     if balance is not None:
@@ -201,9 +213,9 @@ def _decide(predict: _Predict, eligible: list[str], with_room: list[str], full, 
 
 def _why_whole(best: Option, ranked: list[tuple[Option, int]], predict: _Predict, full, packed: str | None
                ) -> RouteReason:
-    loads, limits = predict.loads, predict.limits
-    if packed is not None and predict.busy_s(packed) > limits.max_pull_wait_s and (best.decode != packed
-                                                                                  or best.misses):
+    loads = predict.loads
+    if (packed is not None and predict.busy_s(packed) > 0 and not predict.pull_may_wait(packed)
+            and (best.decode != packed or best.misses)):
         return RouteReason.PULL_WOULD_WAIT  # a hand-off to the packed engine was no option: its pull would wait
     if best.misses == 0:
         return RouteReason.STALL_WITHIN_SLO if loads[best.decode].num_running else RouteReason.NO_STREAMS_TO_STALL

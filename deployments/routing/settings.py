@@ -94,10 +94,11 @@ class RoutingSettings(BaseModel):
         "over its last load report) reaches this fraction of slo.itl_s takes no more streams while another engine "
         "has room: packing stops where an engine gets slow, whatever its stream count."
     )
-    elastic_max_pull_wait_s: float = Field(
-        0.5, ge=0, description="Elastic mode: no hand-off goes to an engine whose own queued prefill work (at the "
+    elastic_max_pull_wait_s: float | None = Field(
+        None, ge=0, description="Elastic mode: no hand-off goes to an engine whose own queued prefill work (at the "
         "measured prefill speed) lasts longer than this: its pull would wait behind that prefill. The request is "
-        "then decoded elsewhere or served whole (route reason pull_would_wait)."
+        "then decoded elsewhere or served whole (route reason pull_would_wait). None: what the request's own "
+        "prefill and pull leave of slo.ttft_s."
     )
     elastic_stall_budget_share: float = Field(
         0.0, ge=0, le=1, description="Elastic mode: how much of a decoding stream's slack (slo.itl_s minus its "
