@@ -297,8 +297,6 @@ def cmd_down(args) -> int:
         _state_file().unlink(missing_ok=True)
         return 0
     try:
-        if getattr(args, "no_drain", False) and state.get("started_head"):
-            raise ConnectionError  # nothing to drain: the head goes down with every replica on it
         _connect(False, 0)
         from ray import serve
         from ray.serve.exceptions import RayServeException
@@ -355,10 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     "only) and deploy its serve_config: e.g. cluster/local-multinode.yaml")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("status", help="applications and replicas").set_defaults(fn=cmd_status)
-    down = sub.add_parser("down", help="delete what `up` deployed; stop the head if `up` started it")
-    down.add_argument("--no-drain", action="store_true", help="stop the head `up` started at once, without letting "
-                      "replicas finish their requests and KV hand-offs (a throwaway cluster: tests, benchmarks)")
-    down.set_defaults(fn=cmd_down)
+    sub.add_parser("down", help="delete what `up` deployed; stop the head if `up` started it").set_defaults(fn=cmd_down)
     prep = sub.add_parser("prepare-model", help="convert the default model into the cache folder")
     prep.add_argument("--tiny", action="store_true", help="the tiny random-weight test model instead")
     prep.set_defaults(fn=cmd_prepare_model)

@@ -209,8 +209,8 @@ def cluster(tmp_path_factory):
             import ray
 
             ray.shutdown()
-        finally:  # a throwaway cluster: no draining (the Serve tier's teardown runs the draining `down`)
-            subprocess.run([PDSERVE, "down", "--no-drain"], env=env, timeout=300)
+        finally:
+            subprocess.run([PDSERVE, "down"], env=env, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -54,18 +54,3 @@ def test_down_stops_the_head_after_serve_was_shut_down(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "Serve is not running" in out and "stopped the local Ray head" in out
     assert any(cmd[1:3] == ["stop", "--force"] for cmd in commands) and not cli._state_file().exists()
-
-
-def test_down_without_draining_stops_the_head_at_once(tmp_path, monkeypatch, capsys):
-    """A throwaway cluster (tests, benchmarks): no application is deleted replica by replica; the head goes."""
-    from ray import serve
-
-    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
-    cli._state_file().write_text(json.dumps({"started_head": True, "apps": ["pdserve"]}))
-    commands, touched = [], []
-    monkeypatch.setattr(cli, "_connect", lambda *a, **k: touched.append("connect"))
-    monkeypatch.setattr(serve, "delete", lambda *a, **k: touched.append("delete"))
-    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, **k: commands.append(cmd))
-    assert cli.main(["down", "--no-drain"]) == 0
-    assert touched == [] and any(cmd[1:3] == ["stop", "--force"] for cmd in commands)
-    assert "stopped the local Ray head" in capsys.readouterr().out and not cli._state_file().exists()

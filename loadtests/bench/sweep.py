@@ -87,7 +87,7 @@ def _start(setup: str, out: Path, engine_dtype: str | None = None, batched_token
 
 def _stop(setup: str) -> None:
     if SETUPS[setup][0] == "pdserve":
-        _pdserve("down", "--no-drain")  # a throwaway cluster: nothing to drain between setups
+        _pdserve("down")
     else:
         subprocess.run([sys.executable, "-m", "loadtests.bench.peer", "down"], check=False, cwd=ROOT)
 
