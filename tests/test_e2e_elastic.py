@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 
 from .conftest import AUTH
@@ -141,11 +142,16 @@ def test_killed_elastic_engine_loses_no_request(cluster, api):
         return api.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 16,
                                                  "temperature": 0})
 
+    engine_procs = psutil.Process(pids[victim]).children(recursive=True)  # vLLM's EngineCore and Worker
+    assert engine_procs, "the replica runs its engine in processes of its own"
     with ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(one, p) for p in prompts]
         time.sleep(3)
         os.kill(pids[victim], signal.SIGKILL)
         resps = [f.result() for f in futures]
+    # the dead replica's engine processes die with it (deployments/engine/lifetime.py), not orphaned with its memory
+    _, alive = psutil.wait_procs(engine_procs, timeout=10)
+    assert not alive, [p.pid for p in alive]
     assert [r.status_code for r in resps] == [200] * len(prompts), [r.text[:200] for r in resps if r.status_code != 200]
     survivors = {r.headers.get("x-pdserve-decode-replica") for r in resps if r.headers.get("x-pdserve-fallback")}
     assert victim not in survivors  # a request that failed over ended on the other engine
