@@ -359,12 +359,12 @@ class DecodePhase:
 
     async def relay(self, started: DecodeStream, trace: Trace) -> AsyncIterator[JsonReply | str]:
         """The first reply, then the rest of the stream, all within the request's end-to-end deadline."""
+        idle_s = self.stream_idle_s(trace.decode_replica)  # once per stream: the pool view is not per-token work
         try:
             yield started.first
             while True:
                 try:
-                    item = await self._next(started.rest, trace.decode_replica, trace,
-                                            self.stream_idle_s(trace.decode_replica))
+                    item = await self._next(started.rest, trace.decode_replica, trace, idle_s)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

@@ -312,8 +312,8 @@ class VLLMEngine:
         if refused := await self._structured.precheck(request, serving):
             yield refused
             return
-        if req.kv_transfer_params is not None:  # produce KV for a decode engine, or pull it (the hand-off)
-            request.kv_transfer_params = req.kv_transfer_params
+        if (kv_params := req.kv_transfer_params) is not None:  # produce KV for a decode engine, or pull it
+            request.kv_transfer_params = kv_params
         request.request_id = uuid.uuid4().hex
         PULL.set(pull := PullOutcome(handoff=req.handoff))  # this request's context: the engine client records here
         create = serving.create_chat_completion if req.endpoint == "chat" else serving.create_completion

@@ -250,7 +250,7 @@ def per_rate(results: dict[str, list[dict]]) -> str:
         cells = []
         for runs in results.values():
             r = at_rate(runs, rate)
-            transfer = ((r or {}).get("latency_s", {}).get("transfer") or {}) if r else {}
+            transfer = (r["latency_s"].get("transfer") or {}) if r else {}
             p90 = f", transfer p90 {transfer['p90']:.2f} s" if transfer.get("count") else ""
             cells.append(f"{r['slo_attainment']:.0%}{p90}" if r else "")
         rows.append(f"| {rate:.3f} | " + " | ".join(cells) + " |")

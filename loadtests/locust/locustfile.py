@@ -4,7 +4,7 @@
         --profile mixed --request-rate 2 --report-dir loadtest-report
 
 Every request streams; each reports, as separate locust request events named after its request category
-(chat, rag, prefix, jsonl): "TTFT" (time to first token), one "ITL" per inter-token gap, and "E2E" (whole
+(chat, rag, long, prefix, jsonl): "TTFT" (time to first token), one "ITL" per inter-token gap, and "E2E" (whole
 request; a failure carries the error, its response_length is the number of output tokens from the usage chunk).
 ``--request-rate R > 0`` is open loop: one dispatcher fires requests with exponential inter-arrival times (Poisson,
 R req/s), each in its own greenlet, whatever the latency; ``--request-rate 0`` is closed loop: each of the ``-u``
@@ -57,7 +57,7 @@ def add_options(parser, **_kw) -> None:
     group = parser.add_argument_group("pdserve load test")
     # The workload profile is locust's own --profile (a label it also shows in its HTML report), checked in on_init:
     # chat (short prompts, medium answers), rag (1-2k-token prompts, short answers), mixed (chat and rag at once),
-    # prefix (shared long prefixes), jsonl (--prompts-file).
+    # long (80-1,500-token prompts, 64-token answers), prefix (shared long prefixes), jsonl (--prompts-file).
     group.add_argument("--prompts-file", default=None,
                        help="JSONL file, one {\"prompt\": ...} or {\"messages\": [...]} per line (optional "
                             "\"max_tokens\"); implies --profile jsonl")
